@@ -1,0 +1,162 @@
+"""`sfumato generate | info | export`: thin clients of the Python API."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import sys
+from pathlib import Path
+
+import click
+
+from sfumato.errors import SfumatoError
+
+
+def user_errors(command):
+    """Show a SfumatoError as one line on stderr and exit 2 (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except SfumatoError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def parse_lora_option(value: str) -> tuple[str, float, float]:
+    """'file.safetensors:0.8' or 'file:0.8:0.5' (text encoder, UNet) -> (path, te, unet)."""
+    parts = value.rsplit(":", 2)
+    numbers = []
+    while len(parts) > 1 and re.fullmatch(r"-?\d+(\.\d+)?", parts[-1]):
+        numbers.insert(0, float(parts.pop()))
+    path = ":".join(parts)
+    te = numbers[0] if numbers else 1.0
+    unet = numbers[1] if len(numbers) > 1 else te
+    return (path, te, unet)
+
+
+# CLI option name -> GenerationParams field
+OPTION_FIELDS = {
+    "negative": "negative_prompt", "seed": "seed", "steps": "steps", "cfg": "cfg_scale",
+    "width": "width", "height": "height", "sampler": "sampler", "scheduler": "scheduler",
+    "batch": "batch_size", "clip_skip": "clip_skip", "strength": "denoising_strength",
+}
+
+
+@click.command()
+@click.argument("prompt", required=False)
+@click.option("--model", "-m", help="Checkpoint (.safetensors) or diffusers folder; default: built-in.")
+@click.option("--vae", help="VAE weights that replace the model's own.")
+@click.option("--negative", "-n", default="", help="Negative prompt.")
+@click.option("--seed", "-s", type=int, default=-1, show_default=True, help="-1 = random.")
+@click.option("--steps", type=int, default=20, show_default=True)
+@click.option("--cfg", type=float, default=7.0, show_default=True, help="CFG scale (1 = off).")
+@click.option("--width", "-W", type=int, default=0, help="Multiple of 8; 0 = model default.")
+@click.option("--height", "-H", type=int, default=0, help="Multiple of 8; 0 = model default.")
+@click.option("--sampler", default="DPM++ 2M", show_default=True)
+@click.option("--scheduler", "--schedule", "scheduler", default="karras", show_default=True,
+              help="normal | karras")
+@click.option("--batch", "-b", type=int, default=1, show_default=True)
+@click.option("--clip-skip", type=int, default=1, show_default=True)
+@click.option("--lora", "loras", multiple=True, help="FILE[:weight[:unet_weight]], repeatable.")
+@click.option("--lora-dir", type=click.Path(file_okay=False), help="Folder for <lora:name:w> tags.")
+@click.option("--init-image", type=click.Path(dir_okay=False), help="img2img: start from this image.")
+@click.option("--strength", type=float, default=0.75, show_default=True, help="img2img denoising strength.")
+@click.option("--from", "from_png", type=click.Path(dir_okay=False),
+              help="Re-create an image from the metadata of a PNG (ours or A1111's).")
+@click.option("--out", "-o", default="outputs", show_default=True, type=click.Path(file_okay=False))
+@click.option("--device", help="cpu | cuda | cuda:N | mps; default: best available.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .ckpt/.pt (loaded with weights_only=True).")
+@click.pass_context
+@user_errors
+def generate(ctx: click.Context, prompt: str | None, model, vae, loras, lora_dir, init_image,
+             from_png, out, device, allow_pickle, **options) -> None:
+    """Generate images from PROMPT and save them as PNGs with their parameters."""
+    from sfumato.params import GenerationParams
+
+    params = _params_from_png(from_png) if from_png else None
+    if params is None and prompt is None:
+        raise SfumatoError("give a PROMPT (or --from IMAGE.png)")
+    chosen = {OPTION_FIELDS[name]: value for name, value in options.items()
+              if params is None or ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    if prompt is not None:
+        chosen["prompt"] = prompt
+    chosen["loras"] = tuple(parse_lora_option(v) for v in loras)
+    params = (params.__class__(**{**params.to_dict(), **chosen}) if params
+              else GenerationParams(**chosen)).validated()
+    init = _open_image(init_image) if init_image else None
+
+    import sfumato
+    from tqdm import tqdm
+
+    pipe = sfumato.load(model, vae=vae, device=device, allow_pickle=allow_pickle, lora_dir=lora_dir)
+    with tqdm(total=params.steps, desc="sampling", unit="step", leave=False) as bar:
+        def progress(step: int, total: int, _latents) -> None:
+            bar.total = total
+            bar.update(step - bar.n)
+
+        images = pipe.generate(params, callback=progress, init_image=init)
+    for result in images:
+        path = _save(result, Path(out))
+        click.echo(f"{path}  seed={result.seed}")
+
+
+def _params_from_png(path: str):
+    from sfumato.metadata import params_from_png
+
+    return params_from_png(path)
+
+
+def _open_image(path: str):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError) as error:
+        raise SfumatoError(f"--init-image {path}: not a readable image ({error})") from None
+
+
+def _save(result, folder: Path) -> Path:
+    """A1111-style names, NNNNN-SEED.png, never overwriting an earlier image."""
+    from sfumato.metadata import save_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m.group(1)) for p in folder.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))]
+    index = max(numbers, default=-1) + 1
+    path = folder / f"{index:05d}-{result.seed}.png"
+    return save_png(result.image, path, infotext=result.infotext, params=result.params.to_dict())
+
+
+@click.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@user_errors
+def info(path: str, as_json: bool) -> None:
+    """Describe a checkpoint: family, components, dtype, hashes."""
+    from sfumato.checkpoints import describe
+
+    facts = describe(path)
+    if as_json:
+        click.echo(json.dumps(facts, indent=2, default=str))
+        return
+    width = max(len(k) for k in facts)
+    for key, value in facts.items():
+        click.echo(f"{key:<{width}}  {value}")
+
+
+@click.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--half", is_flag=True, help="Store weights as fp16.")
+@user_errors
+def export(model_dir: str, out: str, half: bool) -> None:
+    """Write a diffusers-format model as one .safetensors in SD's original key layout."""
+    from sfumato.checkpoints import export_single_file
+
+    export_single_file(Path(model_dir), Path(out), half=half)
+    click.echo(out)

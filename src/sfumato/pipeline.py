@@ -1,0 +1,180 @@
+"""The one code path from a prompt to images, for the built-in model and SD checkpoints alike.
+
+    prompt -> tokens -> embedding -> CFG denoiser -> sampler -> latents -> VAE -> images
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sfumato import latents as latent_space
+from sfumato.checkpoints import BUILTIN_MODEL, Model, load_model
+from sfumato.denoiser import Conditioning, UNetDenoiser, cfg_denoiser
+from sfumato.errors import ParamError
+from sfumato.metadata import infotext
+from sfumato.params import GenerationParams
+from sfumato.prompt import extract_lora_tags
+from sfumato.sampling import get_sigmas, sample
+from sfumato.text import TextEncoder
+
+# callback(step, total, latents); raise sfumato.errors.Interrupted inside it to stop.
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    params: GenerationParams  # with the concrete seed of this image
+    infotext: str
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """CUDA, then Apple's MPS, then the CPU, unless a device is named."""
+    if name:
+        try:
+            return torch.device(name)
+        except RuntimeError:
+            raise ParamError(f"unknown device {name!r}; allowed: cpu, cuda, cuda:N, mps") from None
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on accelerators (half the memory, tensor cores); fp32 on the CPU, where fp16
+    matmuls are slow and bf16 costs precision."""
+    return torch.float32 if device.type == "cpu" else torch.float16
+
+
+class Pipeline:
+    """A loaded model, ready to generate. Holds no state between calls except the model itself
+    (and the LoRAs currently applied to it)."""
+
+    def __init__(self, model: Model, device: torch.device, dtype: torch.dtype,
+                 lora_dir: str | Path | None = None):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.lora_dir = Path(lora_dir) if lora_dir else None
+        self.text = TextEncoder(model.tokenizers, model.text_encoders, model.family)
+        self.unet = UNetDenoiser(model.unet, model.alphas_cumprod, model.prediction_type)
+        self._loras = None  # sfumato.lora.LoraStack, created on first use
+
+    @classmethod
+    def load(cls, model: str | Path | None = None, *, vae: str | Path | None = None,
+             device: str | None = None, dtype: torch.dtype | None = None,
+             allow_pickle: bool = False, lora_dir: str | Path | None = None) -> Pipeline:
+        torch_device = pick_device(device)
+        dtype = dtype or default_dtype(torch_device)
+        loaded = load_model(model or BUILTIN_MODEL, vae=vae, device=torch_device, dtype=dtype,
+                            allow_pickle=allow_pickle)
+        return cls(loaded, torch_device, dtype, lora_dir)
+
+    def generate(self, params: GenerationParams | None = None, *, callback: StepCallback | None = None,
+                 init_image: Image.Image | None = None, **kwargs) -> list[GeneratedImage]:
+        """Make params.batch_size images. Image i uses seed + i, whatever the batch size."""
+        params = (params or GenerationParams(**kwargs)).validated().with_seed()
+        width = params.width or self.model.default_size
+        height = params.height or self.model.default_size
+        prompt, tags = extract_lora_tags(params.prompt)
+        negative, negative_tags = extract_lora_tags(params.negative_prompt)
+        lora_hashes = self._activate_loras(list(params.loras) + [
+            (t.name, t.te_weight, t.unet_weight) for t in tags + negative_tags])
+
+        pixels = self.decode(self.sample_latents(params, prompt, negative, width, height,
+                                                 callback=callback, init_image=init_image))
+        return [self._finish(image, params, i, width, height, lora_hashes, init_image is not None)
+                for i, image in enumerate(pixels)]
+
+    def sample_latents(self, params: GenerationParams, prompt: str, negative: str, width: int,
+                       height: int, *, callback: StepCallback | None = None,
+                       init_image: Image.Image | None = None) -> torch.Tensor:
+        """Denoise seeded noise (or a noised init image) into latents, (b, c, h, w)."""
+        b = params.batch_size
+        seeds = [params.seed + i for i in range(b)]
+        cond, uncond = self.condition([prompt, negative], b, width, height, params.clip_skip)
+
+        sigmas = get_sigmas(params.scheduler, params.steps, self.model.alphas_cumprod)
+        noise = latent_space.SeededNoise(seeds, latent_space.latent_shape(self.model.vae, width, height),
+                                         self.device)
+        x = noise() * sigmas[0]  # (b, 4, h/8, w/8)
+        if init_image is not None:  # img2img: start part-way down the schedule from the image
+            sigmas = sigmas[_first_step(params.steps, params.denoising_strength):]
+            x = self.encode_image(init_image, width, height, seeds[0]).expand(b, -1, -1, -1)
+            x = x + noise() * sigmas[0]
+
+        denoiser = cfg_denoiser(self.unet, cond, uncond, params.cfg_scale)
+        total = len(sigmas) - 1
+
+        def on_step(i: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+            if callback is not None:
+                callback(i + 1, total, denoised)
+
+        with torch.inference_mode():
+            return sample(params.sampler, denoiser, x, sigmas.to(self.device),
+                          noise_sampler=noise, callback=on_step)
+
+    def condition(self, prompts: list[str], batch: int, width: int, height: int,
+                  clip_skip: int) -> tuple[Conditioning, Conditioning]:
+        """Encode [prompt, negative] once and repeat for the batch."""
+        with torch.inference_mode():
+            both = self.text.encode(prompts, clip_skip=clip_skip)
+        if self.model.family == "sdxl":  # micro-conditioning: original size, crop, target size
+            ids = torch.tensor([height, width, 0, 0, height, width], dtype=both.hidden.dtype)
+            both = dataclasses.replace(both, time_ids=ids.expand(2, -1).to(both.hidden.device))
+
+        def pick(index: int) -> Conditioning:
+            def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+                return None if t is None else t[index:index + 1].expand(batch, *t.shape[1:])
+            return Conditioning(rows(both.hidden), rows(both.pooled), rows(both.time_ids))
+
+        return pick(0), pick(1)
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        images = latent_space.decode(self.model.vae, latents)  # (b, 3, H, W) in [0, 1]
+        array = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        return [Image.fromarray(a) for a in array]
+
+    def encode_image(self, image: Image.Image, width: int, height: int, seed: int) -> torch.Tensor:
+        resized = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+        pixels = torch.from_numpy(np.asarray(resized)).permute(2, 0, 1)[None].float() / 255
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return latent_space.encode(self.model.vae, pixels, generator).to(self.device)
+
+    def _activate_loras(self, specs: list[tuple[str, float, float]]) -> dict[str, str]:
+        """Apply exactly these LoRAs (removing others); returns {name: short hash} for metadata."""
+        if not specs and self._loras is None:
+            return {}
+        from sfumato.lora import LoraStack  # only users of LoRAs pay for the import
+
+        if self._loras is None:
+            self._loras = LoraStack(self.model, lora_dir=self.lora_dir)
+        return self._loras.activate(specs)
+
+    def _finish(self, image: Image.Image, params: GenerationParams, index: int, width: int,
+                height: int, lora_hashes: dict[str, str], img2img: bool) -> GeneratedImage:
+        seed = params.seed + index
+        one = dataclasses.replace(params, seed=seed, batch_size=1, width=width, height=height)
+        extra: dict = {}
+        if img2img:
+            extra["Denoising strength"] = f"{params.denoising_strength:g}"
+        if lora_hashes:
+            extra["Lora hashes"] = ", ".join(f"{n}: {h}" for n, h in lora_hashes.items())
+        text = infotext(one, seed=seed, width=width, height=height, model_name=self.model.name,
+                        model_hash=self.model.hash, extra=extra)
+        return GeneratedImage(image=image, seed=seed, params=one, infotext=text)
+
+
+def _first_step(steps: int, strength: float) -> int:
+    """img2img runs the last `strength` fraction of the schedule (A1111's convention)."""
+    return min(steps - 1, max(0, steps - int(round(steps * strength))))
