@@ -1,0 +1,55 @@
+import json
+
+from click.testing import CliRunner
+
+from sfumato.cli import cli
+from sfumato.commands import parse_lora_option
+from sfumato.metadata import read_png_text
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_generate_writes_pngs_with_parameters(tiny_model_dir, tmp_path):
+    result = run("generate", "a red star", "--model", tiny_model_dir, "--seed", 9, "--steps", 3,
+                 "-W", 64, "-H", 64, "--batch", 2, "--negative", "blue", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    files = sorted(tmp_path.glob("*.png"))
+    assert [f.name for f in files] == ["00000-9.png", "00001-10.png"]
+    chunks = read_png_text(files[1])
+    assert "Seed: 10" in chunks["parameters"] and "Negative prompt: blue" in chunks["parameters"]
+    assert json.loads(chunks["sfumato"])["seed"] == 10
+
+
+def test_generate_from_png_recreates_the_image(tiny_model_dir, tmp_path):
+    first = run("generate", "a blue ring", "--model", tiny_model_dir, "--seed", 4, "--steps", 3,
+                "-W", 64, "-H", 64, "--sampler", "Euler a", "--out", tmp_path / "a")
+    assert first.exit_code == 0, first.output
+    [original] = (tmp_path / "a").glob("*.png")
+    again = run("generate", "--from", original, "--model", tiny_model_dir, "--out", tmp_path / "b")
+    assert again.exit_code == 0, again.output
+    [copy] = (tmp_path / "b").glob("*.png")
+    from PIL import Image
+
+    assert Image.open(original).tobytes() == Image.open(copy).tobytes()
+
+
+def test_bad_input_exits_2_without_traceback(tiny_model_dir, tmp_path):
+    for args, needle in [
+        (["--steps", 0], "steps must be between 1 and 150"),
+        (["--sampler", "nope"], "unknown sampler"),
+        (["-W", 65], "multiple of 8"),
+    ]:
+        result = run("generate", "x", "--model", tiny_model_dir, "--out", tmp_path, *args)
+        assert result.exit_code == 2, result.output
+        assert needle in result.output and "Traceback" not in result.output
+    missing = run("generate", "x", "--model", tmp_path / "nope.safetensors", "--out", tmp_path)
+    assert missing.exit_code == 2 and "Traceback" not in missing.output
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_lora_option_parsing():
+    assert parse_lora_option("style.safetensors:0.8") == ("style.safetensors", 0.8, 0.8)
+    assert parse_lora_option("C:/x/s.safetensors:1:0.5") == ("C:/x/s.safetensors", 1.0, 0.5)
+    assert parse_lora_option("name") == ("name", 1.0, 1.0)
