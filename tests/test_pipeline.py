@@ -88,7 +88,8 @@ def test_matches_diffusers_stable_diffusion_pipeline(pipe, tiny_model_dir):
     reference = StableDiffusionPipeline(
         vae=pipe.model.vae, text_encoder=pipe.model.text_encoders[0], tokenizer=pipe.model.tokenizers[0],
         unet=pipe.model.unet,
-        scheduler=EulerDiscreteScheduler.from_pretrained(tiny_model_dir / "scheduler", use_karras_sigmas=True),
+        scheduler=EulerDiscreteScheduler.from_pretrained(
+            tiny_model_dir / "scheduler", use_karras_sigmas=True, timestep_spacing="linspace"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     reference.set_progress_bar_config(disable=True)

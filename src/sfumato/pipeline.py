@@ -102,7 +102,7 @@ class Pipeline:
         """Denoise seeded noise (or a noised init image) into latents, (b, c, h, w)."""
         b = params.batch_size
         seeds = [params.seed + i for i in range(b)]
-        cond, uncond = self.condition([prompt, negative], b, width, height, params.clip_skip)
+        cond, uncond = self.condition([prompt, negative], 1, width, height, params.clip_skip)
 
         sigmas = get_sigmas(params.scheduler, params.steps, self.model.alphas_cumprod)
         noise = latent_space.SeededNoise(seeds, latent_space.latent_shape(self.model.vae, width, height),
@@ -113,7 +113,7 @@ class Pipeline:
             x = self.encode_image(init_image, width, height, seeds[0]).expand(b, -1, -1, -1)
             x = x + noise() * sigmas[0]
 
-        denoiser = cfg_denoiser(self.unet, cond, uncond, params.cfg_scale)
+        denoiser = one_image_at_a_time(cfg_denoiser(self.unet, cond, uncond, params.cfg_scale))
         total = len(sigmas) - 1
 
         def on_step(i: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
@@ -141,7 +141,8 @@ class Pipeline:
         return pick(0), pick(1)
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        images = latent_space.decode(self.model.vae, latents)  # (b, 3, H, W) in [0, 1]
+        # One image at a time, for the same reason as one_image_at_a_time.
+        images = torch.cat([latent_space.decode(self.model.vae, z[None]) for z in latents])
         array = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         return [Image.fromarray(a) for a in array]
 
@@ -173,6 +174,18 @@ class Pipeline:
         text = infotext(one, seed=seed, width=width, height=height, model_name=self.model.name,
                         model_hash=self.model.hash, extra=extra)
         return GeneratedImage(image=image, seed=seed, params=one, infotext=text)
+
+
+def one_image_at_a_time(denoiser: Callable) -> Callable:
+    """Run the denoiser on each image of the batch separately. Kernels pick different blockings
+    for different batch sizes, which changes the last bits of the result; one image per call
+    (its cond and uncond still in one batch) keeps an image's bytes the same at any batch size.
+    On a CPU, throughput is about linear in the batch anyway, so this costs little."""
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.cat([denoiser(x[i:i + 1], sigma[i:i + 1]) for i in range(len(x))])
+
+    return denoise
 
 
 def _first_step(steps: int, strength: float) -> int:

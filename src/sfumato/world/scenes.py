@@ -1,0 +1,307 @@
+"""Scenes of the shapes world: vocabulary, dataclasses, seeded sampling and the split rules.
+
+A scene is a background and 1-4 flat shapes. Everything a caption or the analyzer may claim
+about an image is a fact of its Scene, so claims (captions.py) can be checked against a Scene
+(ground truth) or against what the analyzer sees in pixels. What is held out of training is data, in heldout.json next to this file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from importlib import resources
+
+import numpy as np
+
+from sfumato.errors import SfumatoError
+
+# Far apart in RGB (pairwise distance >= 80) so that blur, noise and a colour shift keep them apart.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "orange": (245, 135, 20),
+    "yellow": (245, 215, 30),
+    "green": (40, 160, 60),
+    "blue": (35, 75, 215),
+    "purple": (130, 50, 175),
+    "pink": (245, 125, 190),
+    "brown": (125, 75, 35),
+    "white": (245, 245, 245),
+    "black": (25, 25, 25),
+    "gray": (130, 130, 130),
+    "cyan": (30, 200, 215),
+}
+# Background kinds other than a flat named colour: (top colour, bottom colour, horizon or None).
+# "grass and sky" is sky above the horizon and grass below it; "night" also gets small stars.
+BACKGROUND_KINDS: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "gradient sky": ((70, 130, 220), (185, 215, 245)),
+    "grass and sky": ((90, 150, 230), (170, 205, 240), (70, 150, 50), (45, 115, 35)),
+    "night": ((10, 15, 45), (25, 35, 80)),
+}
+HORIZON = 0.62  # where grass starts in "grass and sky", as a fraction of the height
+
+SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond", "cross", "ring",
+          "hexagon", "crescent")
+PATTERNS = ("plain", "striped", "dotted", "checkered")
+# Half the extent of an object, as a fraction of the image width (small is ~20 px at 128 px).
+SIZES: dict[str, float] = {"small": 0.08, "medium": 0.13, "large": 0.19}
+RELATIONS = ("left of", "right of", "above", "below", "next to")
+SPLITS = ("train", "heldout", "concept", "eval")
+
+MIN_OBJECT_CONTRAST = 90.0   # RGB distance between an object's colour and any background colour
+MIN_PATTERN_CONTRAST = 70.0  # same for the pattern shade, so patterns never vanish into the background
+EDGE_MARGIN = 0.04           # empty border, so the analyzer can read the background off the edges
+OBJECT_GAP = 0.05            # minimum empty space between two objects
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    shape: str
+    color: str
+    size: str
+    x: float  # centre, 0 = left edge, 1 = right edge
+    y: float  # centre, 0 = top edge, 1 = bottom edge
+    pattern: str = "plain"
+
+    @property
+    def radius(self) -> float:
+        return SIZES[self.size]
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str  # a COLORS name or a BACKGROUND_KINDS name
+    objects: tuple[ObjectSpec, ...]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Scene:
+        data = json.loads(text)
+        return cls(data["background"], tuple(ObjectSpec(**o) for o in data["objects"]))
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    concept_shapes: frozenset[str]
+    concept_patterns: frozenset[str]
+    shape_color: frozenset[tuple[str, str]]
+    shape_pattern: frozenset[tuple[str, str]]
+
+    def is_concept(self, obj: ObjectSpec) -> bool:
+        return obj.shape in self.concept_shapes or obj.pattern in self.concept_patterns
+
+    def is_heldout_pair(self, obj: ObjectSpec) -> bool:
+        return ((obj.shape, obj.color) in self.shape_color
+                or (obj.shape, obj.pattern) in self.shape_pattern)
+
+
+@lru_cache(maxsize=1)  # a memo of a pure function of a shipped file
+def held_out() -> HeldOut:
+    text = resources.files("sfumato.world").joinpath("heldout.json").read_text()
+    data = json.loads(text)
+    return HeldOut(frozenset(data["concept_shapes"]), frozenset(data["concept_patterns"]),
+                   frozenset(map(tuple, data["shape_color"])),
+                   frozenset(map(tuple, data["shape_pattern"])))
+
+
+def scene_in_split(scene: Scene, split: str) -> bool:
+    rules = held_out()
+    concept = any(rules.is_concept(o) for o in scene.objects)
+    heldout = any(rules.is_heldout_pair(o) for o in scene.objects)
+    return {"train": not concept and not heldout, "heldout": heldout and not concept,
+            "concept": concept, "eval": True}[split]
+
+
+# ----------------------------------------------------------------------------- colours
+
+def luminance(rgb: tuple[int, int, int]) -> float:
+    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+
+def pattern_shade(color: str) -> tuple[int, int, int]:
+    """The second colour of a patterned object: darker for light colours, lighter for dark ones."""
+    rgb = np.array(COLORS[color], dtype=np.float64)
+    shade = rgb * 0.45 if luminance(COLORS[color]) > 110 else rgb + (255 - rgb) * 0.55
+    return tuple(int(round(c)) for c in shade)
+
+
+def background_colors(background: str) -> list[tuple[int, int, int]]:
+    if background in COLORS:
+        return [COLORS[background]]
+    return list(BACKGROUND_KINDS[background])
+
+
+def _distance(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    return math.dist(a, b)
+
+
+def _min_distance(rgb: tuple[int, int, int], background: str) -> float:
+    return min(_distance(rgb, c) for c in background_colors(background))
+
+
+def contrasts(obj_color: str, pattern: str, background: str) -> bool:
+    """Whether an object of this colour (and pattern) stands out clearly on this background."""
+    if obj_color == background:
+        return False
+    if _min_distance(COLORS[obj_color], background) < MIN_OBJECT_CONTRAST:
+        return False
+    return pattern == "plain" or _min_distance(pattern_shade(obj_color), background) >= MIN_PATTERN_CONTRAST
+
+
+# ----------------------------------------------------------------------------- relations
+
+def relation_holds(a: ObjectSpec, b: ObjectSpec, relation: str, strict: bool = True) -> bool:
+    """`a <relation> b` in image coordinates (y grows downwards).
+
+    strict: clear enough to be said in a caption; lenient (strict=False): what the analyzer
+    accepts from a generated image, where positions are less exact.
+    """
+    margin, ratio = (0.12, 2.0) if strict else (0.03, 1.0)
+    dx, dy = b.x - a.x, b.y - a.y
+    if relation == "next to":
+        gap = math.hypot(dx, dy) - a.radius - b.radius
+        beside = relation_holds(a, b, "left of", strict) or relation_holds(a, b, "right of", strict)
+        return beside and gap <= (0.15 if strict else 0.25)
+    along, across = {"left of": (dx, dy), "right of": (-dx, dy),
+                     "above": (dy, dx), "below": (-dy, dx)}[relation]
+    return along > margin and along >= ratio * abs(across)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def as_random(rng: random.Random | np.random.Generator | int) -> random.Random:
+    """One sampler for every rng type; a numpy Generator seeds a random.Random from itself."""
+    if isinstance(rng, random.Random):
+        return rng
+    if isinstance(rng, np.random.Generator):
+        return random.Random(int(rng.integers(2**63)))
+    return random.Random(rng)
+
+
+def _vocabulary(split: str) -> tuple[list[str], list[str]]:
+    rules = held_out()
+    if split in ("concept", "eval"):
+        return list(SHAPES), list(PATTERNS)
+    return ([s for s in SHAPES if s not in rules.concept_shapes],
+            [p for p in PATTERNS if p not in rules.concept_patterns])
+
+
+def can_have_pattern(shape: str, size: str) -> bool:
+    # A pattern needs room: a thin ring or a small shape would show only a few smeared pixels.
+    return size != "small" and shape not in ("ring", "cross", "crescent")
+
+
+def _draw_look(rng: random.Random, split: str, size: str) -> tuple[str, str, str]:
+    """(shape, colour, pattern) for one object, obeying the split's vocabulary and pairs."""
+    shapes, patterns = _vocabulary(split)
+    rules = held_out()
+    while True:
+        shape, color = rng.choice(shapes), rng.choice(list(COLORS))
+        pattern = "plain"
+        if can_have_pattern(shape, size) and rng.random() < 0.45:
+            pattern = rng.choice(patterns[1:])
+        obj = ObjectSpec(shape, color, size, 0.5, 0.5, pattern)
+        if split != "train" or not rules.is_heldout_pair(obj):
+            return shape, color, pattern
+
+
+def _force_membership(rng: random.Random, split: str, look: tuple[str, str, str],
+                     size: str) -> tuple[tuple[str, str, str], str]:
+    """Turn the first object's look into a held-out pair / concept so the scene is in its split."""
+    rules = held_out()
+    shape, color, pattern = look
+    if split == "heldout":
+        if rng.random() < 0.5:
+            shape, color = rng.choice(sorted(rules.shape_color))
+        else:
+            shape, pattern = rng.choice(sorted(rules.shape_pattern))
+            size = size if size != "small" else "medium"
+    elif split == "concept":
+        if rng.random() < 0.6:
+            shape = rng.choice(sorted(rules.concept_shapes))
+        else:
+            pattern = rng.choice(sorted(rules.concept_patterns))
+            shape = shape if shape not in ("ring", "cross", "crescent") else "square"
+            size = size if size != "small" else "medium"
+    if not can_have_pattern(shape, size):
+        pattern = "plain"
+    return (shape, color, pattern), size
+
+
+def _draw_sizes(rng: random.Random, n: int) -> list[str]:
+    names = ["small", "medium", "large"] if n <= 2 else ["small", "medium"]
+    return [rng.choice(names) for _ in range(n)]
+
+
+def _place(rng: random.Random, radii: list[float], axis: str | None) -> list[tuple[float, float]] | None:
+    """Centres with no overlap and an empty border; `axis` lines two objects up for a relation."""
+    for _ in range(200):
+        centres: list[tuple[float, float]] = []
+        for r in radii:
+            lo, hi = r + EDGE_MARGIN, 1 - r - EDGE_MARGIN
+            x, y = rng.uniform(lo, hi), rng.uniform(lo, hi)
+            if axis and centres:  # second of a lined-up pair: share the other coordinate, roughly
+                jitter = rng.uniform(-0.04, 0.04)
+                if axis == "horizontal":
+                    y = min(max(centres[0][1] + jitter, lo), hi)
+                else:
+                    x = min(max(centres[0][0] + jitter, lo), hi)
+            if all(math.dist((x, y), c) >= r + rc + OBJECT_GAP for c, rc in zip(centres, radii, strict=False)):
+                centres.append((x, y))
+            else:
+                break
+        if len(centres) == len(radii):
+            return centres
+    return None
+
+
+def _draw_background(rng: random.Random, objects: list[ObjectSpec]) -> str | None:
+    kinds = list(BACKGROUND_KINDS) if rng.random() < 0.5 else list(COLORS)
+    options = [b for b in kinds if all(contrasts(o.color, o.pattern, b) for o in objects)]
+    return rng.choice(options) if options else None
+
+
+def _draw_scene(rng: random.Random, split: str) -> Scene | None:
+    n = rng.choices([1, 2, 3, 4], weights=[3, 4, 2, 1.5])[0]
+    sizes = _draw_sizes(rng, n)
+    identical = n >= 2 and rng.random() < 0.3  # "three yellow stars"
+    if identical:
+        sizes = [sizes[0]] * n
+    looks = [_draw_look(rng, split, s) for s in sizes]
+    if split in ("heldout", "concept"):
+        looks[0], sizes[0] = _force_membership(rng, split, looks[0], sizes[0])
+    if identical:
+        looks, sizes = [looks[0]] * n, [sizes[0]] * n
+    axis = rng.choice(["horizontal", "vertical"]) if n == 2 and rng.random() < 0.7 else None
+    centres = _place(rng, [SIZES[s] for s in sizes], axis)
+    if centres is None:
+        return None
+    objects = [ObjectSpec(sh, co, si, round(x, 4), round(y, 4), pa)
+               for (sh, co, pa), si, (x, y) in zip(looks, sizes, centres, strict=True)]
+    background = _draw_background(rng, objects)
+    return Scene(background, tuple(objects)) if background else None
+
+
+def sample_scene(rng: random.Random | np.random.Generator | int, split: str = "train") -> Scene:
+    """One random scene of `split`, fully determined by the rng's state."""
+    if split not in SPLITS:
+        raise SfumatoError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+    rng = as_random(rng)
+    while True:
+        scene = _draw_scene(rng, split)
+        if scene is not None and scene_in_split(scene, split):
+            return scene
+
+
+def sample_scenes(seed: int, n: int, split: str = "train") -> list[Scene]:
+    """n scenes; scene i depends only on (seed, i), so any prefix or slice is reproducible."""
+    return [sample_scene(scene_rng(seed, i), split) for i in range(n)]
+
+
+def scene_rng(seed: int, index: int) -> random.Random:
+    """The rng of scene `index` in the stream `seed` (what datasets and exports use)."""
+    return random.Random(f"sfumato-world/{seed}/{index}")

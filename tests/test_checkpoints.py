@@ -1,0 +1,376 @@
+"""Checkpoint loading and export: tiny diffusers folders, the real SD architectures' key layouts
+(at zero-memory weights), and every kind of bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sfumato import checkpoints, convert
+from sfumato.checkpoints import (
+    CONFIGS,
+    Weights,
+    build_components,
+    describe,
+    detect_family,
+    load_model,
+)
+from sfumato.errors import CheckpointError
+
+# ---------------------------------------------------------------- a tiny SD1-shaped model
+
+
+def make_tiny_folder(folder: Path) -> Path:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=32,
+        attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).save_pretrained(folder / "unet")
+    AutoencoderKL(
+        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+    ).save_pretrained(folder / "vae")
+    CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                 num_hidden_layers=2, vocab_size=49408, projection_dim=32)
+                  ).save_pretrained(folder / "text_encoder")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+                  ).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_folder(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny):
+    return load_model(tiny)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exported") / "tiny.safetensors"
+    checkpoints.export_single_file(tiny, out)
+    return out
+
+
+def state_dicts(model) -> dict[str, dict[str, torch.Tensor]]:
+    return component_states(model.unet, model.vae, model.text_encoders)
+
+
+def component_states(unet, vae, encoders) -> dict[str, dict[str, torch.Tensor]]:
+    parts = {"unet": unet, "vae": vae, **{f"text_encoder{i}": e for i, e in enumerate(encoders)}}
+    return {name: module.state_dict() for name, module in parts.items()}
+
+
+def test_tiny_folder_loads(tiny, tiny_model):
+    from diffusers import DDPMScheduler
+
+    m = tiny_model
+    assert (m.family, m.prediction_type, m.name) == ("sd1", "epsilon", "tiny0")
+    assert m.default_size == 16 * 2  # sample_size times the 2x VAE
+    assert len(m.text_encoders) == len(m.tokenizers) == 1
+    assert m.tokenizers[0].pad_token == "<|endoftext|>"
+    unet_file = tiny / "unet" / "diffusion_pytorch_model.safetensors"
+    assert m.hash == hashlib.sha256(unet_file.read_bytes()).hexdigest()[:10]
+    reference = DDPMScheduler.from_pretrained(tiny / "scheduler").alphas_cumprod
+    assert m.alphas_cumprod.dtype == torch.float64 and m.alphas_cumprod.shape == (1000,)
+    torch.testing.assert_close(m.alphas_cumprod.float(), reference, rtol=1e-5, atol=1e-6)
+    assert not m.unet.training and next(m.unet.parameters()).dtype == torch.float32
+
+
+def test_export_and_reload_reproduces_every_tensor(tiny_model, exported):
+    out = exported
+    with safe_open(str(out), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+        attn_q = f.get_slice("first_stage_model.decoder.mid.attn_1.q.weight").get_shape()
+    # SD's original layout, as the other tools and diffusers' converter know it
+    assert detect_family(keys) == "sd1"
+    assert {"model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.out.2.bias",
+            "model.diffusion_model.middle_block.1.proj_in.weight",
+            "cond_stage_model.transformer.text_model.final_layer_norm.weight"} <= keys
+    assert len(attn_q) == 4  # 1x1 convs in the original VAE
+    assert json.loads(meta["sfumato.configs"])["unet"]["block_out_channels"] == [32, 64]
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # atomic: no temp file left
+
+    again = load_model(out)
+    assert (again.family, again.default_size, again.prediction_type) == ("sd1", 32, "epsilon")
+    assert again.hash == hashlib.sha256(out.read_bytes()).hexdigest()[:10]
+    expected, got = state_dicts(tiny_model), state_dicts(again)
+    for part in expected:
+        assert got[part].keys() == expected[part].keys(), part
+        for key, value in expected[part].items():
+            assert torch.equal(got[part][key], value), f"{part}.{key}"
+
+
+def test_export_half_stores_fp16(tiny, tiny_model, tmp_path):
+    out = tmp_path / "half.safetensors"
+    checkpoints.export_single_file(tiny, out, half=True)
+    with safe_open(str(out), "pt") as f:
+        names = f.keys()
+        assert {f.get_slice(k).get_dtype() for k in names} == {"F16"}
+    again = load_model(out)
+    weight = tiny_model.unet.conv_in.weight
+    assert torch.equal(again.unet.conv_in.weight, weight.half().float())
+
+
+def test_describe_file_and_folder(tiny, exported):
+    out = exported
+    facts = describe(out)
+    sha = hashlib.sha256(out.read_bytes()).hexdigest()
+    assert (facts["family"], facts["sha256"], facts["model_hash"]) == ("sd1", sha, sha[:10])
+    assert facts["prediction_type"] == "epsilon" and facts["dtypes"] == "F32"
+    assert facts["size_bytes"] == out.stat().st_size
+    assert set(facts["components"]) == {"unet", "vae", "text_encoder"}
+    assert facts["sfumato"]["sfumato.family"] == "sd1"
+    folder = describe(tiny)
+    assert folder["format"] == "diffusers folder" and folder["components"] == facts["components"]
+
+
+def test_vae_override_from_original_layout_file(tiny, tiny_model, tmp_path):
+    vae = {k: v + 1 for k, v in tiny_model.vae.state_dict().items()}
+    path = tmp_path / "vae.safetensors"  # a VAE alone, in the original layout with no prefix
+    save_file({k.removeprefix(convert.VAE): v.contiguous()
+               for k, v in convert.vae_to_original(vae, tiny_model.vae.config).items()}, str(path))
+    m = load_model(tiny, vae=path)
+    for key, value in vae.items():
+        assert torch.equal(m.vae.state_dict()[key], value), key
+
+
+def test_vae_override_from_diffusers_folder(tiny, tiny_model, exported):
+    m = load_model(exported, vae=tiny / "vae")
+    assert torch.equal(m.vae.decoder.conv_out.weight, tiny_model.vae.decoder.conv_out.weight)
+
+
+def test_folder_with_pickled_weights(tiny, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(tiny, tmp_path / "pickled")
+    unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = {}
+    with safe_open(str(unet_file), "pt") as f:
+        for key in f.keys():  # noqa: SIM118  (safe_open handles are not iterable)
+            state[key] = f.get_tensor(key)
+    torch.save(state, folder / "unet" / "diffusion_pytorch_model.bin")
+    unet_file.unlink()
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_model(folder)
+    loaded = load_model(folder, allow_pickle=True)
+    assert torch.equal(loaded.unet.conv_in.weight, state["conv_in.weight"])
+
+
+# ---------------------------------------------------------------- the real architectures
+
+
+def tagged(shape, tag: int) -> torch.Tensor:
+    """A full-size tensor that costs 2 bytes: one distinct fp16 bit pattern, broadcast."""
+    value = torch.tensor([tag], dtype=torch.int16).view(torch.float16)
+    return value.reshape([1] * len(shape)).expand(*shape) if shape else value[0]
+
+
+def tag_of(t: torch.Tensor) -> tuple:
+    first = t[(0,) * t.ndim].view(torch.int16).item()
+    last = t[tuple(s - 1 for s in t.shape)].view(torch.int16).item()
+    return tuple(t.shape), first, last
+
+
+def meta_state(kind: str, config: dict) -> dict[str, torch.Tensor]:
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    with init_empty_weights():
+        if kind == "unet":
+            return UNet2DConditionModel.from_config(config).state_dict()
+        if kind == "vae":
+            return AutoencoderKL.from_config(config).state_dict()
+        return checkpoints._text_encoder_class(config)(CLIPTextConfig.from_dict(config)).state_dict()
+
+
+def open_clip_shapes(config: dict, layers: int) -> dict[str, tuple]:
+    """OpenCLIP's own names (open_clip's TextTransformer), written independently of sfumato."""
+    d, ff = config["hidden_size"], config["intermediate_size"]
+    shapes = {"token_embedding.weight": (49408, d), "positional_embedding": (77, d),
+              "ln_final.weight": (d,), "ln_final.bias": (d,), "text_projection": (d, d),
+              "logit_scale": ()}
+    for i in range(layers):
+        block = f"transformer.resblocks.{i}."
+        shapes.update({block + "ln_1.weight": (d,), block + "ln_1.bias": (d,),
+                       block + "attn.in_proj_weight": (3 * d, d), block + "attn.in_proj_bias": (3 * d,),
+                       block + "attn.out_proj.weight": (d, d), block + "attn.out_proj.bias": (d,),
+                       block + "ln_2.weight": (d,), block + "ln_2.bias": (d,),
+                       block + "mlp.c_fc.weight": (ff, d), block + "mlp.c_fc.bias": (ff,),
+                       block + "mlp.c_proj.weight": (d, ff), block + "mlp.c_proj.bias": (d,)})
+    return shapes
+
+
+def original_checkpoint(family: str, folder: str) -> dict[str, torch.Tensor]:
+    """Every key of a real SD checkpoint of this family, each a distinct zero-memory tensor."""
+    configs = checkpoints._shipped_configs(family, "epsilon")
+    shapes = {k: tuple(v.shape) for k, v in {
+        **convert.unet_to_original(meta_state("unet", configs["unet"]), configs["unet"]),
+        **convert.vae_to_original(meta_state("vae", configs["vae"]), configs["vae"])}.items()}
+    for name, prefix in convert.TEXT_ENCODER_PREFIXES[family].items():
+        config = configs[name]
+        if prefix.endswith(".transformer."):  # OpenAI CLIP-L, stored in transformers' layout
+            state = meta_state("clip", config)
+            shapes.update({k: tuple(v.shape) for k, v in convert.clip_to_original(state, prefix).items()})
+            shapes[prefix + "text_model.embeddings.position_ids"] = (1, 77)
+        else:  # the original SD2 file keeps OpenCLIP-H's 24th layer, which diffusers drops
+            layers = config["num_hidden_layers"] + (1 if family == "sd2" else 0)
+            shapes.update({prefix + k: s for k, s in open_clip_shapes(config, layers).items()})
+    tensors = {}
+    for i, (key, shape) in enumerate(sorted(shapes.items())):
+        if key.endswith("in_proj_weight") or key.endswith("in_proj_bias"):
+            rows = torch.tensor([3 * i + 1, 3 * i + 2, 3 * i + 3], dtype=torch.int16)
+            rows = rows.repeat_interleave(shape[0] // 3).view(torch.float16)  # q, k, v told apart
+            tensors[key] = rows.reshape(-1, *[1] * (len(shape) - 1)).expand(*shape)
+        else:
+            tensors[key] = tagged(shape, 3 * i + 1)
+    return tensors
+
+
+def reference_tags(ckpt: dict, family: str) -> dict[str, dict[str, tuple]]:
+    """Where diffusers' own converters put each tensor (shape and tag per diffusers key)."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+
+    configs = checkpoints._shipped_configs(family, "epsilon")
+    out = {"unet": convert_ldm_unet_checkpoint(ckpt, configs["unet"]),
+           "vae": convert_ldm_vae_checkpoint(ckpt, configs["vae"])}
+    tags = {part: {k: tag_of(v) for k, v in sd.items()} for part, sd in out.items()}
+    for i, (name, prefix) in enumerate(convert.TEXT_ENCODER_PREFIXES[family].items()):
+        if prefix.endswith(".transformer."):
+            sd = convert_ldm_clip_checkpoint(ckpt, prefix)
+        else:
+            class Stub:
+                config = type("C", (), {"hidden_size": configs[name]["hidden_size"]})
+            sd = convert_open_clip_checkpoint(Stub(), ckpt, prefix=prefix)
+        tags[f"text_encoder{i}"] = {k: tag_of(v) for k, v in sd.items() if "position_ids" not in k}
+    return tags
+
+
+@pytest.mark.parametrize("family,folder,model_type", [
+    ("sd1", "sd15", "v1"), ("sd2", "sd2", "v2"), ("sdxl", "sdxl", "xl_base")])
+def test_real_architecture_lands_where_diffusers_puts_it(family, folder, model_type):
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    ckpt = original_checkpoint(family, folder)
+    assert infer_diffusers_model_type(ckpt) == model_type  # diffusers agrees it is a real one
+    assert detect_family(ckpt) == family
+    expected = reference_tags(ckpt, family)
+    parts = build_components(Weights(ckpt, {}), dtype=torch.float16)
+    assert parts["family"] == family and parts["prediction_type"] == "epsilon"
+    got = component_states(parts["unet"], parts["vae"], parts["text_encoders"])
+    for i, encoder in enumerate(parts["text_encoders"]):
+        if not hasattr(encoder, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+            part = f"text_encoder{i}"
+            expected[part] = {k.removeprefix("text_model."): v for k, v in expected[part].items()}
+    for part, tags in expected.items():
+        assert got[part].keys() == tags.keys(), part
+        for key, tag in tags.items():
+            assert tag_of(got[part][key]) == tag, f"{part}.{key}"
+
+
+def test_prediction_type_rules():
+    ckpt = {"model.diffusion_model.x": torch.zeros(1), "cond_stage_model.model.y": torch.zeros(1)}
+    assert convert.detect_prediction_type("sd2", Weights(ckpt, {}), None) == "v_prediction"
+    probe = {**ckpt, convert.SD2_V_PROBE: torch.linspace(-1, 1, 320)}
+    assert convert.detect_prediction_type("sd2", Weights(probe, {}), None) == "v_prediction"
+    flat = {**ckpt, convert.SD2_V_PROBE: torch.full((320,), 0.01)}
+    assert convert.detect_prediction_type("sd2", Weights(flat, {}), None) == "epsilon"
+    assert convert.detect_prediction_type("sdxl", Weights({"v_pred": torch.zeros(())}, {}), None) == "v_prediction"
+    assert convert.detect_prediction_type("sd1", Weights(ckpt, {}), None) == "epsilon"
+    configs = {"scheduler": {"prediction_type": "v_prediction"}}
+    assert convert.detect_prediction_type("sd1", Weights(ckpt, {}), configs) == "v_prediction"
+
+
+def test_shipped_configs_are_complete():
+    for name in ["sd15", "sd2", "sd2-v", "sdxl"]:
+        for part in ["model_index.json", "unet/config.json", "vae/config.json",
+                     "text_encoder/config.json", "scheduler/scheduler_config.json"]:
+            assert json.loads((CONFIGS / name / part).read_text()), f"{name}/{part}"
+    assert checkpoints._shipped_configs("sd2", "v_prediction")["unet"]["sample_size"] == 96
+    assert checkpoints._shipped_configs("sdxl", "epsilon")["vae"]["scaling_factor"] == 0.13025
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".pth", ".bin"])
+def test_pickles_are_refused_unless_allowed(tmp_path, suffix):
+    path = tmp_path / f"model{suffix}"
+    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}}, path)
+    with pytest.raises(CheckpointError, match="run arbitrary code.*--allow-pickle"):
+        load_model(path)
+    with pytest.raises(CheckpointError, match="no text encoder"):  # read, then judged on its keys
+        load_model(path, allow_pickle=True)
+
+
+def test_pickle_with_code_is_refused_even_when_allowed(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "callback": Path("x")}, path)  # not a plain tensor container
+    with pytest.raises(CheckpointError, match="Can't read pickle"):
+        load_model(path, allow_pickle=True)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "nope.safetensors")
+
+
+def test_truncated_file(exported, tmp_path):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(exported.read_bytes()[: exported.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(cut)
+    with pytest.raises(CheckpointError, match="truncated"):
+        describe(cut)
+
+
+def test_text_file_renamed(tmp_path):
+    path = tmp_path / "notes.safetensors"
+    path.write_text("these are not weights\n" * 10)
+    with pytest.raises(CheckpointError, match="not a readable .safetensors"):
+        load_model(path)
+
+
+def test_unrecognized_keys(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"foo.bar": torch.zeros(2)}, str(path))
+    with pytest.raises(CheckpointError, match="No Stable Diffusion weights"):
+        load_model(path)
+
+
+def test_wrong_architecture_is_a_clear_error(tmp_path):
+    path = tmp_path / "odd.safetensors"  # SD1 key names, but nothing like SD1's shapes
+    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(3),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1, 1, 1, 1)}, str(path))
+    with pytest.raises(CheckpointError, match="UNet weights don't fit"):
+        load_model(path)
+
+
+def test_not_a_model_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="not a diffusers model folder"):
+        load_model(tmp_path)
+
+
+def test_bad_prediction_type(tiny):
+    with pytest.raises(CheckpointError, match="prediction_type"):
+        load_model(tiny, prediction_type="x0")

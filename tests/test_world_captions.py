@@ -1,0 +1,87 @@
+import random
+import re
+from dataclasses import replace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sfumato.world.captions import (
+    Expectation,
+    ObjectQuery,
+    RelationQuery,
+    caption,
+    check,
+    describe,
+    full_expectation,
+)
+from sfumato.world.scenes import COLORS, SPLITS, ObjectSpec, Scene, sample_scene, sample_scenes
+
+NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
+SCENERY_COLORS = {"gradient sky": {"blue"}, "grass and sky": {"blue", "green"}}  # "a blue sky"
+
+
+def noun_forms(shape):
+    return (shape, shape + "s", shape + "es")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32), st.sampled_from(SPLITS))
+def test_every_caption_is_true_of_its_scene(seed, split):
+    rng = random.Random(seed)
+    scene = sample_scene(rng, split)
+    text, expectation = describe(scene, rng)
+    claims = check(expectation, scene.objects, scene.background)
+    assert claims and all(claims.values()), (text, claims)
+    # every object of the scene is accounted for, and the words say what the claims say
+    assert sum(q.count for q in expectation.objects) == len(scene.objects)
+    words = re.findall(r"[a-z-]+", text)
+    for query in expectation.objects:
+        assert any(form in words for form in noun_forms(query.shape)), text
+        if query.color:
+            assert query.color in words, text
+        if query.count > 1:
+            assert NUMBER_WORDS[query.count] in words, text
+    named_colors = {w for w in words if w in COLORS}  # never a colour the scene lacks
+    shown = {o.color for o in scene.objects} | {scene.background}
+    assert named_colors <= shown | SCENERY_COLORS.get(scene.background, set()), text
+    assert not re.search(r"\ba [aeiou]", text), text
+
+
+def test_captions_are_deterministic_and_varied():
+    scenes = sample_scenes(3, 300, "train")
+    first = [caption(s, random.Random(i)) for i, s in enumerate(scenes)]
+    assert first == [caption(s, random.Random(i)) for i, s in enumerate(scenes)]
+    text = " ".join(first)
+    for phrase in ("a single", "one ", "two ", "left of", "above", "below", "next to", "beside",
+                   "night", "grassy", "background", "striped", "with dots", "small", "large"):
+        assert phrase in text, phrase
+
+
+def test_false_claims_are_caught():
+    scene = Scene("night", (ObjectSpec("circle", "red", "medium", 0.25, 0.5),
+                            ObjectSpec("square", "blue", "medium", 0.75, 0.5, "striped")))
+    exp = full_expectation(scene)
+    assert all(check(exp, scene.objects, scene.background).values())
+    circle, square = exp.objects
+    wrong = [
+        replace(exp, background="green"),
+        replace(exp, objects=(replace(circle, color="blue"), square)),
+        replace(exp, objects=(circle, replace(square, pattern="dotted"))),
+        replace(exp, objects=(replace(circle, count=2), square)),
+        replace(exp, objects=(replace(circle, shape="star"), square)),
+        Expectation(objects=(circle, square), relations=(RelationQuery(0, "right of", 1),)),
+        Expectation(objects=(circle, square), relations=(RelationQuery(0, "above", 1),)),
+    ]
+    for expectation in wrong:
+        assert not all(check(expectation, scene.objects, scene.background).values()), expectation
+    right = Expectation(objects=(circle, square), relations=(RelationQuery(0, "left of", 1),))
+    assert all(check(right, scene.objects, scene.background).values())
+
+
+def test_negated_attributes():
+    scene = Scene("white", (ObjectSpec("circle", "red", "large", 0.5, 0.5),))
+    kinds = {c.kind: v for c, v in check(Expectation(objects=(ObjectQuery("circle", "!red"),)),
+                                         scene.objects, scene.background).items()}
+    assert kinds == {"shape": True, "color": False}
+    assert all(check(Expectation(objects=(ObjectQuery("circle", "!blue"),)),
+                     scene.objects, scene.background).values())

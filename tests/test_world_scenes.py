@@ -1,0 +1,102 @@
+import json
+import math
+import random
+from importlib import resources
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sfumato.errors import SfumatoError
+from sfumato.world.scenes import (
+    COLORS,
+    EDGE_MARGIN,
+    SHAPES,
+    SPLITS,
+    Scene,
+    held_out,
+    relation_holds,
+    sample_scene,
+    sample_scenes,
+)
+
+RULES = json.loads(resources.files("sfumato.world").joinpath("heldout.json").read_text())
+seeds = st.integers(0, 2**32)
+
+
+def test_same_seed_same_scenes():
+    for split in SPLITS:
+        assert sample_scenes(7, 40, split) == sample_scenes(7, 40, split)
+    assert sample_scenes(7, 40) != sample_scenes(8, 40)
+    a = sample_scene(np.random.default_rng(3))
+    assert a == sample_scene(np.random.default_rng(3))
+    assert sample_scene(random.Random(5)) == sample_scene(random.Random(5))
+
+
+def test_scene_json_round_trip():
+    for scene in sample_scenes(1, 20, "eval"):
+        assert Scene.from_json(scene.to_json()) == scene
+
+
+def test_unknown_split_is_a_user_error():
+    with pytest.raises(SfumatoError, match="allowed"):
+        sample_scene(random.Random(0), "test")
+
+
+def test_held_out_rules_come_from_the_data_file():
+    rules = held_out()
+    assert rules.concept_shapes == set(RULES["concept_shapes"]) and rules.concept_shapes
+    assert rules.shape_color == {tuple(p) for p in RULES["shape_color"]}
+    assert {s for s, _ in rules.shape_color} <= set(SHAPES)
+    assert {c for _, c in rules.shape_color} <= set(COLORS)
+
+
+@settings(max_examples=150, deadline=None)
+@given(seeds)
+def test_train_split_never_shows_held_out_things(seed):
+    for obj in sample_scene(random.Random(seed), "train").objects:
+        assert obj.shape not in RULES["concept_shapes"]
+        assert obj.pattern not in RULES["concept_patterns"]
+        assert [obj.shape, obj.color] not in RULES["shape_color"]
+        assert [obj.shape, obj.pattern] not in RULES["shape_pattern"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seeds)
+def test_heldout_and_concept_splits_contain_what_they_promise(seed):
+    held = sample_scene(random.Random(seed), "heldout").objects
+    assert any([o.shape, o.color] in RULES["shape_color"] or [o.shape, o.pattern] in RULES["shape_pattern"]
+               for o in held)
+    assert not any(o.shape in RULES["concept_shapes"] for o in held)
+    concept = sample_scene(random.Random(seed), "concept").objects
+    assert any(o.shape in RULES["concept_shapes"] or o.pattern in RULES["concept_patterns"]
+               for o in concept)
+
+
+@settings(max_examples=150, deadline=None)
+@given(seeds, st.sampled_from(SPLITS))
+def test_scenes_are_drawable_and_readable(seed, split):
+    scene = sample_scene(random.Random(seed), split)
+    assert 1 <= len(scene.objects) <= 4
+    for i, a in enumerate(scene.objects):
+        assert a.color != scene.background
+        assert a.x - a.radius >= EDGE_MARGIN and a.x + a.radius <= 1 - EDGE_MARGIN + 1e-9
+        assert a.y - a.radius >= EDGE_MARGIN and a.y + a.radius <= 1 - EDGE_MARGIN + 1e-9
+        if a.size == "small":
+            assert a.pattern == "plain"  # too few pixels to show a pattern
+        for b in scene.objects[i + 1:]:
+            assert math.dist((a.x, a.y), (b.x, b.y)) >= a.radius + b.radius
+
+
+def test_relations_are_exclusive_and_mirror_each_other():
+    opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    for scene in sample_scenes(2, 300, "eval"):
+        for a in scene.objects:
+            for b in scene.objects:
+                if a is b:
+                    continue
+                for rel, other in opposite.items():
+                    assert relation_holds(a, b, rel) == relation_holds(b, a, other)
+                    if relation_holds(a, b, rel):
+                        assert not relation_holds(a, b, other, strict=False)
