@@ -1,0 +1,156 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors import safe_open
+
+from sfumato.checkpoints import load_model
+from sfumato.errors import LoraError
+from sfumato.lora import LoraStack
+from sfumato.train.lora import TrainConfig, lora_command, train_lora
+from sfumato.train.lora_data import bucket_sizes
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_model(tiny_model_dir)
+
+
+def write_images(folder, count=4, captions=True, size=(64, 64)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+        if captions:
+            (folder / f"img{i}.txt").write_text(f"a red star, style {i % 2}")
+    return folder
+
+
+def unet_output(model):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    text = torch.randn(1, 77, 32, generator=gen)
+    with torch.no_grad():
+        return model.unet(x, torch.tensor([400]), encoder_hidden_states=text).sample
+
+
+def read(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+
+
+def test_trained_file_is_kohya_and_loads_in_sfumato_and_diffusers(model, tiny_model_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    images = write_images(tmp_path / "images")
+    base = unet_output(model)
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    out = train_lora(model, TrainConfig(images=images, out=tmp_path / "star.safetensors", steps=5,
+                                        lr=1e-2, rank=4, trigger="sks", progress=False))
+    # training leaves the model as it was loaded
+    assert list(model.unet.state_dict()) == list(before)
+    assert all(torch.equal(v, before[k]) for k, v in model.unet.state_dict().items())
+
+    tensors, meta = read(out)
+    assert tensors and all(k.startswith("lora_unet_") for k in tensors)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
+    assert {k.rsplit(".", 2)[-2] if k.endswith("weight") else "alpha" for k in tensors} == \
+        {"lora_down", "lora_up", "alpha"}
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
+    assert meta["ss_steps"] == "5" and meta["ss_num_train_images"] == "4"
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_sd_model_hash"] == model.hash
+    assert json.loads(meta["ss_tag_frequency"]) == {"1_images": {"sks": 4, "a red star": 4,
+                                                                 "style 0": 2, "style 1": 2}}
+    for key in ["ss_resolution", "ss_seed", "ss_training_started_at", "ss_output_name", "ss_learning_rate"]:
+        assert key in meta
+
+    stack = LoraStack(model)
+    stack.activate([(str(out), 1.0, 1.0)])
+    ours = unet_output(model)
+    stack.activate([])
+    assert (ours - base).abs().max() > 1e-4  # the LoRA learned something
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None,
+                                                   feature_extractor=None, tokenizer=model.tokenizers[0])
+    pipe.load_lora_weights(str(tmp_path), weight_name="star.safetensors")
+    theirs = unet_output(pipe)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_text_encoder_buckets_and_cached_latents(model, tmp_path):
+    images = write_images(tmp_path / "images", count=3)
+    write_images(tmp_path / "wide", count=1, size=(128, 64))
+    (tmp_path / "wide" / "img0.png").rename(images / "wide.png")
+    (images / "wide.txt").write_text("a wide one")
+    out = train_lora(model, TrainConfig(images=images, out=tmp_path / "te.safetensors", steps=2, rank=4,
+                                        train_text_encoder=True, buckets=True, cache_latents=True,
+                                        batch_size=2, targets=("attn", "ff"), progress=False))
+    tensors, meta = read(out)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in tensors)
+    assert any("ff_net_2" in k for k in tensors)
+    assert meta["ss_enable_bucket"] == "True"
+    stack = LoraStack(model)
+    stack.activate([(str(out), 1.0, 1.0)])
+    assert not stack.reports["te"].skipped_keys
+    stack.activate([])
+
+
+def test_buckets_cover_aspect_ratios_at_the_pixel_budget():
+    sizes = bucket_sizes(512, 64)
+    assert (512, 512) in sizes and (768, 320) in sizes and (320, 768) in sizes
+    assert min(min(s) for s in sizes) == 256
+    assert all(w * h <= 512 * 512 and w % 64 == 0 and h % 64 == 0 for w, h in sizes)
+
+
+def test_resume_continues_exactly(model, tmp_path):
+    images = write_images(tmp_path / "images")
+    common = dict(images=images, rank=2, lr=1e-2, progress=False)
+    straight = train_lora(model, TrainConfig(out=tmp_path / "a.safetensors", steps=3, save_every=2, **common))
+    assert (tmp_path / "a-step000002.safetensors").is_file()
+    train_lora(model, TrainConfig(out=tmp_path / "b.safetensors", steps=2, **common))
+    resumed = train_lora(model, TrainConfig(out=tmp_path / "b.safetensors", steps=3, resume=True, **common))
+    a, b = read(straight)[0], read(resumed)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(LoraError, match="rank"):
+        train_lora(model, TrainConfig(out=tmp_path / "b.safetensors", steps=4, resume=True,
+                                      **{**common, "rank": 3}))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "no images"),
+    ("unreadable", "cannot read image"),
+    ("no caption", "has no caption"),
+    ("rank", "larger than the smallest"),
+])
+def test_bad_input_fails_before_training(model, tmp_path, case, message):
+    images = tmp_path / "images"
+    images.mkdir()
+    rank = 4
+    if case == "unreadable":
+        write_images(images, count=2)
+        (images / "broken.png").write_bytes(b"not a png")
+        (images / "broken.txt").write_text("x")
+    elif case == "no caption":
+        write_images(images, count=2)
+        write_images(tmp_path / "more", count=1, captions=False)
+        (tmp_path / "more" / "img0.png").rename(images / "lonely.png")
+    elif case == "rank":
+        write_images(images, count=2)
+        rank = 33  # the tiny UNet's smallest attention projection is 32 wide
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(LoraError, match=message):
+        train_lora(model, TrainConfig(images=images, out=out, steps=1, rank=rank, progress=False))
+    assert not out.exists() and not any(p.name.startswith("x") for p in tmp_path.iterdir())
+
+
+def test_command_reports_errors_without_traceback(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(lora_command, ["--images", str(tmp_path / "empty"),
+                                               "--out", str(tmp_path / "x.safetensors")])
+    assert result.exit_code == 2 and "no images" in result.output
+    result = CliRunner().invoke(lora_command, ["--images", str(tmp_path), "--out", str(tmp_path / "x.pt")])
+    assert result.exit_code == 2 and ".safetensors" in result.output
