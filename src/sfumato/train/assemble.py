@@ -1,0 +1,215 @@
+"""`sfumato train assemble`: the three stages -> the shipped model folder (diffusers layout).
+
+    model_index.json            as StableDiffusionPipeline's (no tokenizer: it ships in sfumato/data)
+    unet/ vae/ text_encoder/    fp16 safetensors (fp32 where fp16 measurably changes outputs)
+    scheduler/                  SD's noise schedule, the UNet's prediction type
+    clip/                       vision tower + projections for a CLIP score (see load_clip)
+    MODEL_CARD.md, samples.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sfumato.errors import SfumatoError
+from sfumato.train.common import param_count, render_pool, stage_folder, to_model_images
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+FP16_TOLERANCE = 1e-2  # RMS(fp16-weights output - fp32 output) / std(output) still called "the same"
+TEXT_PREFIX = "text_model."  # SD's text_encoder key layout, which transformers 4.x and 5.x both load
+
+
+def _read_metrics(folder: Path) -> dict:
+    path = folder / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@torch.no_grad()
+def fp16_error(model: torch.nn.Module, inputs: dict, output_of) -> float:
+    """How much rounding the weights to fp16 changes the output (computed in fp32 both times)."""
+    reference = output_of(model(**inputs))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in state.items()})
+    rounded = output_of(model(**inputs))
+    model.load_state_dict(state)
+    return float((rounded - reference).square().mean().sqrt() / reference.std().clamp_min(1e-12))
+
+
+def _probe_inputs(unet, vae, text_encoder) -> dict[str, tuple]:
+    g = torch.Generator().manual_seed(0)
+    size = unet.config.sample_size
+    latents = torch.randn(2, 4, size, size, generator=g)
+    ids = torch.randint(0, text_encoder.config.vocab_size, (2, 77), generator=g)
+    context = text_encoder(ids).last_hidden_state
+    return {
+        "unet": (unet, {"sample": latents, "timestep": torch.tensor([10, 700]), "encoder_hidden_states": context},
+                 lambda out: out.sample),
+        "vae": (vae, {"sample": to_model_images(render_pool(0, 2, "train", 8 * size)[0], torch.device("cpu"))},
+                lambda out: out.sample),
+        "text_encoder": (text_encoder, {"input_ids": ids}, lambda out: out.last_hidden_state),
+    }
+
+
+def _save_weights(model, folder: Path, half: bool, filename: str, prefix: str = "") -> None:
+    """config.json as the library writes it; the weights as one safetensors file, fp16 or fp32."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    if hasattr(model, "save_config"):  # diffusers
+        model.save_config(folder)
+    else:  # transformers
+        model.config.save_pretrained(folder)
+    tensors = {prefix + k: (v.half() if half and v.is_floating_point() else v).contiguous()
+               for k, v in model.state_dict().items()}
+    save_file(tensors, folder / filename, metadata={"format": "pt"})
+
+
+def model_index(text_encoder_class: str = "CLIPTextModel") -> dict:
+    import diffusers
+
+    return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+            "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+            "safety_checker": [None, None], "scheduler": ["diffusers", "DDPMScheduler"],
+            "text_encoder": ["transformers", text_encoder_class], "tokenizer": [None, None],
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+
+
+def _save_clip_score_parts(clip_dir: Path, folder: Path, half: bool) -> int:
+    """The CLIP model minus its text tower (that is text_encoder/): vision tower + projections."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir(parents=True)
+    for name in ("config.json", "preprocessor_config.json"):
+        if (clip_dir / name).exists():
+            shutil.copy(clip_dir / name, folder / name)
+    weights = {k: v for k, v in load_file(clip_dir / "model.safetensors").items() if not k.startswith(TEXT_PREFIX)}
+    save_file({k: (v.half() if half and k != "logit_scale" else v).contiguous() for k, v in weights.items()},
+              folder / "model.safetensors", metadata={"format": "pt"})
+    return sum(v.numel() for v in weights.values())
+
+
+def load_clip(model_dir: str | Path):
+    """The full CLIPModel of a built-in model folder (text_encoder/ + clip/), for a CLIP score."""
+    from safetensors.torch import load_file
+    from transformers import CLIPConfig, CLIPModel
+
+    model_dir = Path(model_dir)
+    clip = CLIPModel(CLIPConfig.from_pretrained(model_dir / "clip")).eval()
+    weights = load_file(model_dir / "clip" / "model.safetensors")
+    text = load_file(model_dir / "text_encoder" / "model.safetensors")
+    weights |= {(k if k.startswith(TEXT_PREFIX) else TEXT_PREFIX + k): v for k, v in text.items()}
+    target = clip.state_dict()
+    missing = set(target) - set(weights)
+    if missing:
+        raise SfumatoError(f"{model_dir} lacks CLIP weights {sorted(missing)[:3]}...: re-run `sfumato train assemble`")
+    clip.load_state_dict({k: weights[k].to(target[k].dtype) for k in target})
+    return clip
+
+
+def assemble_model(vae_dir: Path, clip_dir: Path, unet_dir: Path, out: Path, *, hardware: str = "") -> dict:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(stage_folder(unet_dir, "unet")).eval()
+    vae = AutoencoderKL.from_pretrained(stage_folder(vae_dir, "vae")).eval()
+    text_encoder = CLIPTextModel.from_pretrained(stage_folder(clip_dir, "text_encoder")).eval()
+    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+        raise SfumatoError(f"the UNet attends to width {unet.config.cross_attention_dim} but the text encoder "
+                           f"has width {text_encoder.config.hidden_size}: train the UNet on this CLIP")
+    errors = {name: fp16_error(*probe) for name, probe in _probe_inputs(unet, vae, text_encoder).items()}
+    half = {name: err <= FP16_TOLERANCE for name, err in errors.items()}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        _save_weights(unet, tmp / "unet", half["unet"], DIFFUSERS_WEIGHTS)
+        _save_weights(vae, tmp / "vae", half["vae"], DIFFUSERS_WEIGHTS)
+        _save_weights(text_encoder, tmp / "text_encoder", half["text_encoder"], "model.safetensors", TEXT_PREFIX)
+        scheduler_dir = unet_dir / "scheduler"
+        scheduler = (DDPMScheduler.from_pretrained(scheduler_dir) if scheduler_dir.exists()
+                     else DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"))
+        scheduler.save_pretrained(tmp / "scheduler")
+        clip_params = 0
+        if (clip_dir / "clip" / "model.safetensors").exists():
+            clip_params = _save_clip_score_parts(clip_dir / "clip", tmp / "clip", half["text_encoder"])
+        (tmp / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
+        samples = sorted((unet_dir / "samples").glob("unet_*.png"))
+        if samples:
+            shutil.copy(samples[-1], tmp / "samples.png")
+        params = {"unet": param_count(unet), "vae": param_count(vae), "text_encoder": param_count(text_encoder),
+                  "clip_vision_and_projections": clip_params}
+        summary = {"params": params, "shipped_params": params["unet"] + params["vae"] + params["text_encoder"],
+                   "fp16": half, "fp16_relative_error": {k: float(f"{v:.2e}") for k, v in errors.items()}}
+        stages = {"vae": _read_metrics(vae_dir), "clip": _read_metrics(clip_dir), "unet": _read_metrics(unet_dir)}
+        summary["megabytes"] = round(sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 1e6, 2)
+        (tmp / "MODEL_CARD.md").write_text(model_card(summary, stages, hardware))
+        for path in [tmp, *tmp.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def _figure(stage: dict, key: str, fmt: str = "{}") -> str:
+    return fmt.format(stage[key]) if key in stage else "n/a"
+
+
+def model_card(summary: dict, stages: dict, hardware: str) -> str:
+    vae, clip, unet = stages["vae"], stages["clip"], stages["unet"]
+    p = summary["params"]
+    minutes = sum(s.get("minutes", 0) for s in stages.values())
+    devices = sorted({f"{s.get('device', '?')} x{s.get('processes', 1)}" for s in stages.values() if s})
+    lines = [
+        "# sfumato built-in model",
+        "",
+        "A small latent-diffusion model of the same kind as Stable Diffusion 1.x, trained from scratch by",
+        "`sfumato train` (scripts/train_builtin.sh) on the procedural shapes world (sfumato.world, split",
+        "\"train\": held-out shape/colour pairs and concepts were never seen). 128x128 images, 16x16x4 latents.",
+        "",
+        "## Components",
+        "",
+        f"- VAE (AutoencoderKL): {p['vae']:,} parameters, scaling_factor {_figure(vae, 'scaling_factor', '{:.4f}')}",
+        f"- Text encoder (CLIPTextModel, the text tower of a CLIP trained here): {p['text_encoder']:,} parameters",
+        f"- UNet (UNet2DConditionModel, EMA weights, {_figure(unet, 'prediction_type')}): {p['unet']:,} parameters",
+        f"- Shipped total: {summary['shipped_params']:,} parameters, {summary['megabytes']} MB on disk",
+        f"- clip/: CLIP vision tower + projections for a CLIP score ({p['clip_vision_and_projections']:,} "
+        "parameters; `sfumato.train.assemble.load_clip`); images in [-1, 1] at 128x128",
+        f"- fp16 weights: {summary['fp16']} (RMS output change of fp16 rounding, relative to the output's std: "
+        f"{summary['fp16_relative_error']})",
+        "- Scheduler: SD's (scaled_linear, beta 0.00085..0.012, 1000 steps). Tokenizer: CLIP BPE from sfumato/data.",
+        "",
+        "## Figures",
+        "",
+        f"- VAE held-out PSNR: {_figure(vae, 'heldout_psnr_db')} dB",
+        f"- CLIP zero-shot image->caption top-1 among {_figure(clip, 'retrieval_candidates')} candidates: "
+        f"unseen scenes {_figure(clip, 'retrieval_top1_train')}, held-out pairs {_figure(clip, 'retrieval_top1_heldout')} "
+        f"(chance {_figure(clip, 'chance')})",
+        f"- UNet final training loss {_figure(unet, 'final_loss', '{:.4f}')}; validation loss (fixed noise, "
+        f"timesteps 0..999) unseen scenes {_figure(unet, 'val_loss_train')}, held-out pairs {_figure(unet, 'val_loss_heldout')}",
+        "",
+        "## Training",
+        "",
+        f"Hardware: {hardware or ', '.join(devices)}. Total wall time {minutes:.1f} min.",
+        "",
+        "| stage | steps | batch | minutes | samples/s | final loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in stages.items():
+        lines.append(f"| {name} | {s.get('steps', 'n/a')} | {s.get('recipe', {}).get('batch_size', 'n/a')} | "
+                     f"{s.get('minutes', 'n/a')} | {s.get('samples_per_second', 'n/a')} | "
+                     f"{_figure(s, 'final_loss', '{:.4f}')} |")
+    lines += ["", "## Recipes (as run)", ""]
+    for name, s in stages.items():
+        lines += [f"### {name}", "", "```json", json.dumps(s.get("recipe", {}), indent=1), "```", ""]
+    return "\n".join(lines)

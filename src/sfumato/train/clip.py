@@ -1,0 +1,161 @@
+"""Stage 2: CLIP (text + vision towers), contrastive loss with in-batch negatives.
+
+The text tower becomes the pipeline's text encoder (OUT/text_encoder, a CLIPTextModel, as SD1
+uses it); the whole model (OUT/clip, a CLIPModel) is kept for a CLIP score. Images go into the
+vision tower as (b, 3, 128, 128) in [-1, 1]; OUT/clip's preprocessor config says the same.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import torch
+from torch import Tensor
+
+from sfumato.train.common import (
+    Run,
+    atomic_write_text,
+    ema_weights,
+    loss_summary,
+    make_trainable,
+    param_count,
+    pixels_to_model,
+    random_captions,
+    render_pool,
+    save_grid,
+    save_pretrained_atomic,
+    to_model_images,
+    tokenize,
+    train_loop,
+    write_metrics,
+)
+from sfumato.train.vae import EVAL_SEED_OFFSET
+
+BOS, EOS = 49406, 49407  # CLIP's <|startoftext|>, <|endoftext|> (also the SD1 pad token)
+
+
+def build_clip(model: dict, image_size: int):
+    from transformers import CLIPConfig, CLIPModel
+
+    text, vision = model["text"], model["vision"]
+    config = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=text["width"], intermediate_size=4 * text["width"],
+                         num_hidden_layers=text["layers"], num_attention_heads=text["heads"],
+                         max_position_embeddings=77, hidden_act="quick_gelu",
+                         bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS),
+        vision_config=dict(hidden_size=vision["width"], intermediate_size=4 * vision["width"],
+                           num_hidden_layers=vision["layers"], num_attention_heads=vision["heads"],
+                           image_size=image_size, patch_size=vision["patch_size"], hidden_act="quick_gelu"),
+        projection_dim=model["projection_dim"],
+    )
+    return CLIPModel(config)
+
+
+def text_encoder_of(clip):
+    """The text tower as a standalone CLIPTextModel (what the pipeline loads)."""
+    from transformers import CLIPTextModel
+
+    encoder = CLIPTextModel(clip.config.text_config)
+    # transformers 5: clip.text_model is a CLIPTextModel; 4.x: both hold a CLIPTextTransformer.
+    getattr(encoder, "text_model", encoder).load_state_dict(clip.text_model.state_dict())
+    return encoder.eval()
+
+
+def load_tokenizer():
+    from sfumato.text import load_clip_tokenizer
+
+    return load_clip_tokenizer()
+
+
+def eval_captions(scenes: list, seed: int) -> list[str]:
+    """One fixed caption per evaluation scene."""
+    from sfumato.world import caption
+
+    return [caption(scene, random.Random(f"eval/{seed}/{i}")) for i, scene in enumerate(scenes)]
+
+
+@torch.no_grad()
+def similarity(clip, images: Tensor, input_ids: Tensor) -> Tensor:
+    """(images, captions) cosine similarities of the projected embeddings."""
+    image = torch.nn.functional.normalize(as_features(clip.get_image_features(pixel_values=images)), dim=-1)
+    text = torch.nn.functional.normalize(as_features(clip.get_text_features(input_ids=input_ids)), dim=-1)
+    return image @ text.T
+
+
+def as_features(output) -> Tensor:
+    # transformers 5 may return a model output instead of a tensor from get_*_features
+    return output if isinstance(output, Tensor) else output.pooler_output
+
+
+@torch.no_grad()
+def retrieval_top1(clip, images: Tensor, input_ids: Tensor, group: int) -> float:
+    """Image -> caption top-1 accuracy, each image against the captions of its group of `group`."""
+    hits, total = 0, 0
+    for start in range(0, len(images) - group + 1, group):
+        sims = similarity(clip, images[start : start + group], input_ids[start : start + group])
+        hits += int((sims.argmax(1) == torch.arange(len(sims), device=sims.device)).sum())
+        total += len(sims)
+    return hits / max(total, 1)
+
+
+def train_clip(run: Run) -> dict:
+    r, data = run.recipe, run.recipe["data"]
+    pool, scenes = render_pool(run.seed, data["train_scenes"], "train", data["size"], data.get("workers", 0))
+    tokenizer = load_tokenizer()
+    clip = build_clip(r["model"], data["size"])
+    t = make_trainable(run, clip)
+
+    def make_batch(step: int) -> dict:
+        index = run.shard(run.numpy_rng(step).integers(0, len(pool), r["batch_size"]))
+        captions = random_captions([scenes[i] for i in index], run.seed, step, run.accelerator.process_index)
+        return {"pixels": torch.from_numpy(pool[index]), "ids": tokenize(tokenizer, captions)}
+
+    def loss_fn(batch: dict, step: int) -> Tensor:
+        return t.module(input_ids=batch["ids"], pixel_values=pixels_to_model(batch["pixels"]), return_loss=True).loss
+
+    evals = {}
+    for split in ("train", "heldout"):  # unseen scenes; "heldout": unseen shape/colour pairs too
+        eval_pool, eval_scenes = render_pool(run.seed + EVAL_SEED_OFFSET, data["eval_scenes"], split, data["size"])
+        evals[split] = (to_model_images(eval_pool, run.device),
+                        tokenize(tokenizer, eval_captions(eval_scenes, run.seed)).to(run.device))
+
+    def on_sample(step: int) -> None:
+        # The similarity matrix of 16 held-out pairs as a picture: a bright diagonal is good.
+        if run.is_main:
+            images, ids = evals["train"]
+            with ema_weights(run, t) as module:
+                sims = similarity(module.eval(), images[:16], ids[:16]).float()
+                module.train()
+            picture = sims.repeat_interleave(8, 0).repeat_interleave(8, 1)
+            save_grid(picture.mul(2).sub(1).expand(1, 3, -1, -1), run.out / "samples" / f"clip_{step:07d}.png")
+
+    train_loop(run, t, make_batch, loss_fn, on_sample, desc="clip")
+    on_sample(t.step)
+    group = data.get("retrieval_candidates", 32)
+    with ema_weights(run, t) as module:
+        clip = module.eval()
+        metrics = {"stage": "clip", "params": param_count(clip),
+                   "text_encoder_params": param_count(clip.text_model), **loss_summary(run, t),
+                   "retrieval_candidates": group, "chance": round(1 / group, 4),
+                   "logit_scale": float(clip.logit_scale.detach().exp())}
+        for split, (images, ids) in evals.items():
+            metrics[f"retrieval_top1_{split}"] = round(retrieval_top1(clip, images, ids, group), 4)
+        if run.is_main:
+            save_clip(clip, run)
+        clip.train()
+    write_metrics(run, metrics)
+    return metrics
+
+
+def save_clip(clip, run: Run) -> None:
+    save_pretrained_atomic(clip, run.out / "clip")
+    size = run.recipe["data"]["size"]
+    # CLIPImageProcessor settings for how the vision tower was trained: [0, 1] -> [-1, 1], no resize
+    # beyond the training size. Written as JSON: building the processor wants torchvision.
+    processor = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+                 "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+                 "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                 "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "do_convert_rgb": True}
+    atomic_write_text(run.out / "clip" / "preprocessor_config.json", json.dumps(processor, indent=2) + "\n")
+    save_pretrained_atomic(text_encoder_of(clip), run.out / "text_encoder")

@@ -1,0 +1,480 @@
+"""Pieces every trainer shares: recipes, seeding, accelerate, data pools, checkpoints, the loop.
+
+Every random draw of a training step comes from a generator seeded by (seed, step, rank), never
+from global state, so a run resumed from a checkpoint repeats the steps of an uninterrupted one
+exactly. Only the main process writes files; every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sfumato.errors import SfumatoError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+CHECKPOINT = "checkpoint.pt"
+EVAL_KEY = 2**40  # generator key of evaluation draws, beyond any step number
+FINAL_SECONDS = 20.0  # kept free at the end of a --max-minutes budget for evaluation and saving
+FINAL_FRACTION = 0.15  # ... but at most this share of a short budget
+
+
+# ----------------------------------------------------------------------------- recipes
+
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe file: a path to a .toml, or the name of one shipped in sfumato/configs/train."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" and path.exists():
+        return path
+    shipped = resources.files("sfumato.configs").joinpath("train", f"{name_or_path}.toml")
+    if shipped.is_file():
+        return Path(str(shipped))
+    names = sorted(p.stem for p in Path(str(resources.files("sfumato.configs") / "train")).glob("*.toml"))
+    raise SfumatoError(f"no training recipe {name_or_path!r}: give a .toml path or one of {', '.join(names)}")
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_recipe(name_or_path: str, *, gpu: bool) -> dict:
+    """The recipe as a dict; on a GPU its [gpu] table overrides the rest (bigger batches)."""
+    with recipe_path(name_or_path).open("rb") as f:
+        recipe = tomllib.load(f)
+    gpu_override = recipe.pop("gpu", {})
+    return _merge(recipe, gpu_override) if gpu else recipe
+
+
+# ----------------------------------------------------------------------------- run set-up
+
+@dataclass
+class Run:
+    """One training command: recipe, output folder, accelerator, budget."""
+
+    recipe: dict
+    out: Path
+    accelerator: Any
+    started: float
+    deadline: float  # time.time() at which training must stop to leave room for the finish
+    resume: bool
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def seed(self) -> int:
+        return int(self.recipe["seed"])
+
+    def generator(self, *keys: int) -> torch.Generator:
+        """A generator on the run's device, seeded by (seed, rank, *keys)."""
+        g = torch.Generator(self.device)
+        g.manual_seed(hash_seed(self.seed, self.accelerator.process_index, *keys))
+        return g
+
+    def numpy_rng(self, *keys: int) -> np.random.Generator:
+        """Shared by all processes (no rank): batch indices are drawn globally, then sharded."""
+        return np.random.default_rng([self.seed, *keys])
+
+    def shard(self, items: np.ndarray) -> np.ndarray:
+        """This process's share of a global batch."""
+        return items[self.accelerator.process_index :: self.accelerator.num_processes]
+
+
+def hash_seed(*keys: int) -> int:
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def start_run(config: str, out: str | Path, *, resume: bool, max_minutes: float | None,
+              steps: int | None, batch_size: int | None, device: str | None) -> Run:
+    """Parse the shared options; make the accelerator (bf16 on CUDA, gradient sync across GPUs)."""
+    from accelerate import Accelerator
+
+    started = time.time()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SfumatoError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    recipe = load_recipe(config, gpu=not cpu)
+    if steps is not None:
+        recipe["steps"] = steps
+    if batch_size is not None:
+        recipe["batch_size"] = batch_size
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16")
+    if recipe["batch_size"] % accelerator.num_processes:
+        raise SfumatoError(f"batch_size {recipe['batch_size']} must be a multiple of the "
+                           f"{accelerator.num_processes} processes")
+    out = Path(out)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    if resume and not (out / CHECKPOINT).exists():
+        raise SfumatoError(f"--resume: no {CHECKPOINT} in {out}; start without --resume")
+    budget = math.inf if max_minutes is None else max_minutes * 60
+    deadline = started + budget - min(FINAL_SECONDS, FINAL_FRACTION * budget)
+    torch.manual_seed(recipe["seed"])
+    torch.backends.cudnn.benchmark = True  # fixed shapes every step: pick the fastest conv kernels once
+    return Run(recipe, out, accelerator, started, deadline, resume)
+
+
+# ----------------------------------------------------------------------------- data
+
+def _render_range(args: tuple) -> list:
+    """Scenes start..stop of stream `seed` (each depends only on (seed, index)), rendered into
+    rows start..stop of the array file `path` (no pickling of gigabytes back to the parent)."""
+    from sfumato.world import render, sample_scene
+    from sfumato.world.scenes import scene_rng
+
+    seed, start, stop, split, size, path, n = args
+    scenes = [sample_scene(scene_rng(seed, i), split) for i in range(start, stop)]
+    rows = np.memmap(path, np.uint8, "r+", shape=(n, size, size, 3))
+    for i, scene in enumerate(scenes):
+        rows[start + i] = render(scene, size)
+    rows.flush()
+    return scenes
+
+
+def render_pool(seed: int, n: int, split: str, size: int, workers: int = 0) -> tuple[np.ndarray, list]:
+    """Scenes 0..n-1 of `split` and their images, (n, size, size, 3) uint8, by a process pool.
+
+    Rendering once into memory keeps a GPU fed: a training step only gathers rows.
+    """
+    from sfumato.world import render, sample_scenes
+
+    workers = workers or len(os.sched_getaffinity(0))
+    if workers <= 1 or n < 1024:
+        scenes = sample_scenes(seed, n, split)
+        return np.stack([render(scene, size) for scene in scenes]), scenes
+    # A file, not /dev/shm: containers often give shared memory only a few MB.
+    with tempfile.TemporaryDirectory(prefix="sfumato-render-") as folder:
+        path = os.path.join(folder, "pool.u8")
+        np.memmap(path, np.uint8, "w+", shape=(n, size, size, 3)).flush()
+        chunk = math.ceil(n / (workers * 4))
+        jobs = [(seed, i, min(n, i + chunk), split, size, path, n) for i in range(0, n, chunk)]
+        # forkserver: a CUDA context in the parent must not be forked.
+        with multiprocessing.get_context("forkserver").Pool(workers) as pool:
+            scenes = [scene for part in pool.map(_render_range, jobs) for scene in part]
+        images = np.array(np.memmap(path, np.uint8, "r", shape=(n, size, size, 3)))
+    return images, scenes
+
+
+def stage_folder(path: Path, name: str) -> Path:
+    """A stage's output folder or the model folder inside it (OUT or OUT/vae both work)."""
+    if (path / name / "config.json").exists():
+        return path / name
+    if (path / "config.json").exists():
+        return path
+    raise SfumatoError(f"{path} holds no {name} model: give the folder a `sfumato train` stage wrote")
+
+
+def pixels_to_model(pixels: Tensor) -> Tensor:
+    """(b, H, W, 3) uint8 -> (b, 3, H, W) float in [-1, 1], on the pixels' device."""
+    return pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_model_images(pixels: np.ndarray, device: torch.device) -> Tensor:
+    return pixels_to_model(torch.from_numpy(np.ascontiguousarray(pixels)).to(device))
+
+
+def random_captions(scenes: list, seed: int, *keys: int) -> list[str]:
+    """A fresh caption of each scene: the same scene gets other words every epoch."""
+    import random
+
+    from sfumato.world import caption
+
+    return [caption(scene, random.Random(hash_seed(seed, *keys, i))) for i, scene in enumerate(scenes)]
+
+
+def tokenize(tokenizer, captions: list[str]) -> Tensor:
+    """(b, 77) token ids on the CPU, padded as SD1 pads (with <|endoftext|>)."""
+    return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Item `step` is the batch of that step: DataLoader workers build batches ahead of the GPU."""
+
+    def __init__(self, make_batch: Callable[[int], dict]):
+        self.make_batch = make_batch
+
+    def __getitem__(self, step: int) -> dict:
+        return self.make_batch(step)
+
+
+def step_batches(run: Run, make_batch: Callable[[int], dict], start: int) -> Iterator[dict]:
+    """make_batch(start), make_batch(start + 1), ... built by recipe data.loader_workers processes."""
+    workers = run.recipe["data"].get("loader_workers", 0)
+    loader = torch.utils.data.DataLoader(
+        _StepBatches(make_batch), batch_size=None, sampler=range(start, run.recipe["steps"]),
+        num_workers=workers, pin_memory=run.device.type == "cuda", prefetch_factor=4 if workers else None,
+        # fork: workers share the rendered pool copy-on-write and never touch CUDA.
+        multiprocessing_context="fork" if workers else None, persistent_workers=False)
+    for batch in loader:
+        yield {k: v.to(run.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- files
+
+@contextmanager
+def atomic_file(path: Path, suffix: str = "") -> Iterator[str]:
+    """A temp path in path's folder, renamed onto `path` when the block ends: a crash leaves the old file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def save_pretrained_atomic(model: Any, path: Path, **kwargs: Any) -> None:
+    """save_pretrained into a temp folder, then swap it in place of `path`."""
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    tmp.chmod(0o755)
+    model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+    for file in tmp.rglob("*"):
+        file.chmod(0o755 if file.is_dir() else 0o644)
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_grid(images: Tensor, path: Path, ncols: int = 8) -> None:
+    """(b, 3, H, W) in [-1, 1] -> one PNG, ncols images a row."""
+    from PIL import Image
+
+    b, _, h, w = images.shape
+    rows = math.ceil(b / ncols)
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    grid = np.zeros((rows * h, ncols * w, 3), np.uint8)
+    for i, img in enumerate(pixels):
+        grid[(i // ncols) * h : (i // ncols + 1) * h, (i % ncols) * w : (i % ncols + 1) * w] = img
+    with atomic_file(path, suffix=".png") as tmp:
+        Image.fromarray(grid).save(tmp)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@contextmanager
+def stop_on_signals() -> Iterator[dict]:
+    """SIGINT/SIGTERM set a flag instead of killing: the loop saves a checkpoint, then stops."""
+    flag = {"stop": False}
+    handler = lambda signum, frame: flag.update(stop=True)  # noqa: E731
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class Trainable:
+    """What the loop trains: module (as the loss calls it), its optimiser, an optional EMA."""
+
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: Any = None  # diffusers.training_utils.EMAModel
+    losses: list[float] = field(default_factory=list)
+    step: int = 0
+    train_seconds: float = 0.0  # time spent in training steps, for throughput figures
+    setup_seconds: float = 0.0  # from the command's start to the first step: data, models
+
+
+def make_trainable(run: Run, module: torch.nn.Module) -> Trainable:
+    """AdamW (+ EMA of the weights when the recipe has ema_decay), prepared by accelerate."""
+    from diffusers.training_utils import EMAModel
+
+    r = run.recipe
+    optimizer = torch.optim.AdamW(module.parameters(), lr=r["lr"], weight_decay=r.get("weight_decay", 0.0),
+                                  betas=(0.9, r.get("beta2", 0.999)))
+    module, optimizer = run.accelerator.prepare(module, optimizer)
+    ema = None
+    if r.get("ema_decay"):
+        ema = EMAModel(run.accelerator.unwrap_model(module).parameters(), decay=r["ema_decay"],
+                       use_ema_warmup=True, power=r.get("ema_power", 2 / 3), foreach=True)
+        ema.to(run.device)
+    trainable = Trainable(module, optimizer, ema)
+    if run.resume:
+        load_checkpoint(run, trainable)
+    return trainable
+
+
+def checkpoint_state(run: Run, t: Trainable) -> dict:
+    state = {"step": t.step, "model": run.accelerator.unwrap_model(t.module).state_dict(),
+             "optimizer": t.optimizer.state_dict(), "losses": t.losses,
+             "train_seconds": t.train_seconds,
+             "rng": {"torch": torch.get_rng_state()}, "recipe": run.recipe}
+    if torch.cuda.is_available():
+        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    if t.ema is not None:
+        state["ema"] = t.ema.state_dict()
+    return state
+
+
+def save_checkpoint(run: Run, t: Trainable) -> None:
+    if run.is_main:
+        atomic_save(checkpoint_state(run, t), run.out / CHECKPOINT)
+    run.accelerator.wait_for_everyone()
+
+
+def load_checkpoint(run: Run, t: Trainable) -> None:
+    state = torch.load(run.out / CHECKPOINT, map_location="cpu", weights_only=True)
+    run.accelerator.unwrap_model(t.module).load_state_dict(state["model"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    if t.ema is not None:
+        t.ema.load_state_dict(state["ema"])
+        t.ema.to(run.device)
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    t.step, t.losses, t.train_seconds = state["step"], list(state["losses"]), state["train_seconds"]
+
+
+def _agree(run: Run, *flags: bool) -> list[bool]:
+    """Every process takes the same stop/save decision, or gradient sync would hang."""
+    if run.accelerator.num_processes == 1:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=run.device)
+    return [bool(v) for v in run.accelerator.reduce(t, reduction="sum").gt(0).tolist()]
+
+
+def train_loop(run: Run, t: Trainable, make_batch: Callable[[int], dict], loss_fn: Callable[[dict, int], Tensor],
+               on_sample: Callable[[int], None] | None = None, desc: str = "train") -> Trainable:
+    """Steps t.step..recipe.steps. make_batch(step) (CPU, in loader workers) and loss_fn(batch, step)
+    draw everything random from `step`, so a resumed run repeats an uninterrupted one exactly.
+
+    Stops early (saving) at the deadline or on SIGINT/SIGTERM; checkpoints every few minutes.
+    """
+    from tqdm.auto import tqdm
+
+    r, acc = run.recipe, run.accelerator
+    warmup = max(1, r.get("warmup_steps", 0))
+    every = r.get("checkpoint_minutes", 5) * 60
+    last_save = tick = time.time()
+    pending: list[Tensor] = []  # losses still on the device: reading each one would stall the GPU
+
+    def flush() -> None:
+        if pending:
+            t.losses.extend(torch.stack(pending).float().tolist())
+            pending.clear()
+
+    t.setup_seconds = tick - run.started
+    bar = tqdm(total=r["steps"], initial=t.step, desc=desc, disable=not run.is_main, dynamic_ncols=True)
+    with stop_on_signals() as signals:
+        for batch in step_batches(run, make_batch, t.step):
+            for group in t.optimizer.param_groups:  # linear warm-up, then constant: resumable at any step
+                group["lr"] = r["lr"] * min(1.0, (t.step + 1) / warmup)
+            with acc.autocast():
+                loss = loss_fn(batch, t.step)
+            acc.backward(loss)
+            if r.get("grad_clip"):
+                acc.clip_grad_norm_(t.module.parameters(), r["grad_clip"])
+            t.optimizer.step()
+            t.optimizer.zero_grad(set_to_none=True)
+            if t.ema is not None:
+                t.ema.step(acc.unwrap_model(t.module).parameters())
+            pending.append(acc.reduce(loss.detach(), reduction="mean"))
+            t.step += 1
+            bar.update(1)
+            sample_now = on_sample and r.get("sample_every") and t.step % r["sample_every"] == 0
+            if t.step % 20 == 0 or sample_now or t.step == r["steps"]:
+                flush()
+                now = time.time()
+                t.train_seconds, tick = t.train_seconds + now - tick, now
+                bar.set_postfix(loss=f"{np.mean(t.losses[-50:]):.4f}",
+                                left=f"{max(0.0, run.deadline - now) / 60:.1f}m" if math.isfinite(run.deadline) else "-")
+            if sample_now:
+                on_sample(t.step)
+                tick = time.time()  # sampling is not training time
+            stop, save = _agree(run, signals["stop"] or time.time() > run.deadline,
+                                time.time() - last_save > every)
+            if stop:
+                break
+            if save:
+                flush()
+                save_checkpoint(run, t)
+                last_save = time.time()
+    flush()
+    t.train_seconds += time.time() - tick
+    bar.close()
+    save_checkpoint(run, t)
+    return t
+
+
+@contextmanager
+def ema_weights(run: Run, t: Trainable) -> Iterator[torch.nn.Module]:
+    """The unwrapped module with its EMA weights swapped in (restored afterwards)."""
+    module = run.accelerator.unwrap_model(t.module)
+    if t.ema is None:
+        yield module
+        return
+    t.ema.store(module.parameters())
+    t.ema.copy_to(module.parameters())
+    try:
+        yield module
+    finally:
+        t.ema.restore(module.parameters())
+
+
+def write_metrics(run: Run, metrics: dict) -> None:
+    """metrics.json: the figures of a stage (assemble copies them into the model card)."""
+    import json
+
+    if run.is_main:
+        metrics = {**metrics, "minutes": round((time.time() - run.started) / 60, 2),
+                   "device": torch.cuda.get_device_name() if run.device.type == "cuda" else "cpu",
+                   "processes": run.accelerator.num_processes, "recipe": run.recipe}
+        atomic_write_text(run.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+
+
+def loss_summary(run: Run, t: Trainable) -> dict:
+    """Steps, final loss, throughput and a loss curve of at most ~500 points."""
+    every = max(1, len(t.losses) // 500)
+    return {"steps": t.step, "final_loss": float(np.mean(t.losses[-100:])) if t.losses else math.nan,
+            "samples_per_second": round(t.step * run.recipe["batch_size"] / max(t.train_seconds, 1e-9), 1),
+            "train_minutes": round(t.train_seconds / 60, 2), "setup_seconds": round(t.setup_seconds, 1),
+            "loss_curve": [[i + 1, round(float(np.mean(t.losses[i : i + every])), 5)]
+                           for i in range(0, len(t.losses), every)]}
+
+
+def param_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

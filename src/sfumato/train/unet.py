@@ -1,0 +1,183 @@
+"""Stage 3: the UNet, on cached VAE latents, conditioned on the frozen CLIP text encoder (as SD).
+
+Scenes are rendered and encoded once (posterior mean and std kept, a latent is sampled per step);
+each step draws a fresh caption of every scene from its Scene, so captions vary across epochs.
+~10% of captions are dropped (empty string) so that classifier-free guidance works. The EMA weights
+are the ones shipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sfumato.train.clip import eval_captions, load_tokenizer
+from sfumato.train.common import (
+    EVAL_KEY,
+    Run,
+    atomic_write_text,
+    ema_weights,
+    loss_summary,
+    make_trainable,
+    param_count,
+    random_captions,
+    render_pool,
+    save_grid,
+    save_pretrained_atomic,
+    stage_folder,
+    to_model_images,
+    tokenize,
+    train_loop,
+    write_metrics,
+)
+from sfumato.train.vae import EVAL_SEED_OFFSET
+
+
+def build_unet(model: dict, cross_attention_dim: int, sample_size: int):
+    from diffusers import UNet2DConditionModel
+
+    down = tuple(model["down_block_types"])
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, down_block_types=down,
+        up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
+        block_out_channels=tuple(model["block_out_channels"]), layers_per_block=model["layers_per_block"],
+        cross_attention_dim=cross_attention_dim, attention_head_dim=model["attention_heads"],
+        norm_num_groups=model["norm_num_groups"],
+    )
+
+
+def build_scheduler(prediction_type: str):
+    """SD's training noise schedule."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", clip_sample=False, prediction_type=prediction_type)
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: np.ndarray, device: torch.device, batch: int = 256) -> tuple[Tensor, Tensor]:
+    """Posterior mean and std of every image, kept on device (a few KB an image)."""
+    means, stds = [], []
+    for start in range(0, len(pixels), batch):
+        posterior = vae.encode(to_model_images(pixels[start : start + batch], device)).latent_dist
+        means.append(posterior.mean.float())
+        stds.append(posterior.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def text_hidden(text_encoder, tokenizer, captions: list[str], device: torch.device) -> Tensor:
+    return text_encoder(tokenize(tokenizer, captions).to(device)).last_hidden_state
+
+
+@torch.no_grad()
+def generate(unet, text_encoder, tokenizer, vae, scheduler, prompts: list[str], *, steps: int = 25,
+             guidance: float = 5.0, seed: int = 0) -> Tensor:
+    """A quick DDIM + CFG sampler for the sample grids, (b, 3, H, W) in [-1, 1]."""
+    from diffusers import DDIMScheduler
+
+    device = next(unet.parameters()).device
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(steps)
+    context = text_hidden(text_encoder, tokenizer, [""] * len(prompts) + prompts, device)
+    size = unet.config.sample_size
+    x = torch.randn(len(prompts), 4, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
+    for t in ddim.timesteps:
+        uncond, cond = unet(torch.cat([x, x]), t, context).sample.chunk(2)
+        x = ddim.step(uncond + guidance * (cond - uncond), t, x).prev_sample
+    return vae.decode(x / vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+@torch.no_grad()
+def validation_loss(unet, scheduler, latents: Tensor, context: Tensor, generator: torch.Generator) -> float:
+    """Loss on fixed noise at evenly spread timesteps: comparable across runs and checkpoints."""
+    timesteps = torch.linspace(0, 999, len(latents), device=latents.device).round().long()
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    losses = [F.mse_loss(unet(n, t, c).sample.float(), y.float()).item() * len(n)
+              for n, t, c, y in zip(noisy.split(128), timesteps.split(128), context.split(128), target.split(128), strict=True)]
+    return sum(losses) / len(latents)
+
+
+def load_frozen(vae_dir: Path, clip_dir: Path, device: torch.device):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    vae = AutoencoderKL.from_pretrained(stage_folder(vae_dir, "vae")).to(device).eval().requires_grad_(False)
+    text_encoder = CLIPTextModel.from_pretrained(stage_folder(clip_dir, "text_encoder"))
+    return vae, text_encoder.to(device).eval().requires_grad_(False)
+
+
+def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
+    r, data = run.recipe, run.recipe["data"]
+    pool, scenes = render_pool(run.seed, data["train_scenes"], "train", data["size"], data.get("workers", 0))
+    vae, text_encoder = load_frozen(vae_dir, clip_dir, run.device)
+    tokenizer = load_tokenizer()
+    with run.accelerator.autocast():
+        mean, std = encode_latents(vae, pool, run.device)
+    del pool  # only latents are needed from here on
+    scale = vae.config.scaling_factor
+    scheduler = build_scheduler(r.get("prediction_type", "epsilon"))
+    unet = build_unet(r["model"], text_encoder.config.hidden_size, mean.shape[-1])
+    t = make_trainable(run, unet)
+
+    def make_batch(step: int) -> dict:
+        rng = run.numpy_rng(step)
+        index = run.shard(rng.integers(0, len(scenes), r["batch_size"]))
+        dropped = run.shard(rng.random(r["batch_size"]) < r["caption_dropout"])
+        captions = random_captions([scenes[i] for i in index], run.seed, step, run.accelerator.process_index)
+        return {"rows": torch.from_numpy(index),
+                "ids": tokenize(tokenizer, ["" if d else c for c, d in zip(captions, dropped, strict=True)])}
+
+    def loss_fn(batch: dict, step: int) -> Tensor:
+        with torch.no_grad():
+            context = text_encoder(batch["ids"]).last_hidden_state
+        g, rows = run.generator(step), batch["rows"]
+        latents = (mean[rows] + std[rows] * torch.randn(std[rows].shape, generator=g, device=run.device)) * scale
+        noise = torch.randn(latents.shape, generator=g, device=run.device)
+        timesteps = torch.randint(0, 1000, (len(latents),), generator=g, device=run.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        return F.mse_loss(t.module(noisy, timesteps, context).sample.float(), target.float())
+
+    evals = {}
+    for split in ("train", "heldout"):  # unseen scenes; "heldout": unseen shape/colour pairs too
+        pixels, eval_scenes = render_pool(run.seed + EVAL_SEED_OFFSET, data["eval_scenes"], split, data["size"])
+        captions = eval_captions(eval_scenes, run.seed)
+        with run.accelerator.autocast():
+            latents = encode_latents(vae, pixels, run.device)[0] * scale
+            evals[split] = (latents, text_hidden(text_encoder, tokenizer, captions, run.device).float(), captions)
+    prompts = evals["train"][2][:4] + evals["heldout"][2][:4]
+
+    def on_sample(step: int) -> None:
+        if run.is_main:
+            with ema_weights(run, t) as module, run.accelerator.autocast():
+                images = generate(module.eval(), text_encoder, tokenizer, vae, scheduler, prompts,
+                                  steps=r.get("sample_steps", 25), guidance=r.get("sample_guidance", 5.0))
+                module.train()
+            save_grid(images, run.out / "samples" / f"unet_{step:07d}.png", ncols=4)
+
+    if run.is_main:
+        (run.out / "samples").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.out / "samples" / "prompts.txt", "\n".join(prompts) + "\n")
+    train_loop(run, t, make_batch, loss_fn, on_sample, desc="unet")
+    on_sample(t.step)
+    with ema_weights(run, t) as module:
+        unet = module.eval()
+        metrics = {"stage": "unet", "params": param_count(unet), **loss_summary(run, t),
+                   "prediction_type": scheduler.config.prediction_type}
+        with run.accelerator.autocast():
+            for split, (latents, context, _) in evals.items():
+                metrics[f"val_loss_{split}"] = round(
+                    validation_loss(unet, scheduler, latents, context, run.generator(EVAL_KEY)), 5)
+        if run.is_main:
+            save_pretrained_atomic(unet, run.out / "unet")
+            save_pretrained_atomic(scheduler, run.out / "scheduler")
+        unet.train()
+    write_metrics(run, metrics)
+    return metrics

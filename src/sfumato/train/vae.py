@@ -1,0 +1,129 @@
+"""Stage 1: the VAE. 128x128 RGB <-> 16x16x4 latents (x8 like SD), L1 + MSE + a little KL.
+
+After training the latent scale is measured on data (1 / std of the latents) and written to the
+config's `scaling_factor`, as SD does, so that the UNet sees latents of unit variance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sfumato.train.common import (
+    EVAL_KEY,
+    Run,
+    ema_weights,
+    loss_summary,
+    make_trainable,
+    param_count,
+    pixels_to_model,
+    render_pool,
+    save_grid,
+    save_pretrained_atomic,
+    to_model_images,
+    train_loop,
+    write_metrics,
+)
+
+EVAL_SEED_OFFSET = 1_000_003  # eval scenes come from another stream than training scenes
+
+
+def build_vae(model: dict):
+    from diffusers import AutoencoderKL
+
+    blocks = len(model["block_out_channels"])
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=model.get("latent_channels", 4),
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=tuple(model["block_out_channels"]), layers_per_block=model["layers_per_block"],
+        norm_num_groups=model["norm_num_groups"], sample_size=model["sample_size"],
+    )
+
+
+def crops(pool: np.ndarray, index: np.ndarray, corners: np.ndarray, crop: int) -> np.ndarray:
+    """crop x crop pixels of images `index` from their (y, x) corners (crop 0: whole images).
+
+    The VAE is convolutional, so it learns the same from crops, at a fraction of the compute."""
+    if not crop or crop >= pool.shape[1]:
+        return pool[index]
+    return np.stack([pool[i, y : y + crop, x : x + crop] for i, (y, x) in zip(index, corners, strict=True)])
+
+
+class VAEWithPosterior(torch.nn.Module):
+    """encode -> sample -> decode in forward(), so DDP syncs gradients of the whole VAE."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        posterior = self.vae.encode(images).latent_dist
+        recon = self.vae.decode(posterior.sample(generator)).sample
+        return recon, posterior.kl().mean()
+
+
+@torch.no_grad()
+def reconstruct(vae, images: Tensor, batch: int = 64) -> Tensor:
+    """Decode of the posterior mean, in fp32 (what evaluation measures)."""
+    parts = [vae.decode(vae.encode(x).latent_dist.mode()).sample for x in images.split(batch)]
+    return torch.cat(parts).clamp(-1, 1)
+
+
+def psnr(images: Tensor, recon: Tensor) -> float:
+    """Mean PSNR in dB over images, on the [0, 1] scale."""
+    mse = ((images - recon) / 2).square().flatten(1).mean(1).clamp_min(1e-10)
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae, images: Tensor, generator: torch.Generator, batch: int = 64) -> float:
+    """1 / std of posterior samples: SD's recipe for unit-variance latents."""
+    latents = torch.cat([vae.encode(x).latent_dist.sample(generator) for x in images.split(batch)])
+    return float(1.0 / latents.float().std())
+
+
+def train_vae(run: Run) -> dict:
+    r, data = run.recipe, run.recipe["data"]
+    pool, _ = render_pool(run.seed, data["train_scenes"], "train", data["size"], data.get("workers", 0))
+    eval_pool, _ = render_pool(run.seed + EVAL_SEED_OFFSET, data["eval_scenes"], "train", data["size"])
+    vae = build_vae(r["model"])
+    t = make_trainable(run, VAEWithPosterior(vae))
+    loss_cfg = r["loss"]
+
+    def make_batch(step: int) -> dict:
+        rng, crop = run.numpy_rng(step), data.get("crop", 0)
+        index = rng.integers(0, len(pool), r["batch_size"])
+        corners = rng.integers(0, (data["size"] - crop) // 8 + 1, (r["batch_size"], 2)) * 8  # on the latent grid
+        return {"pixels": torch.from_numpy(crops(pool, run.shard(index), run.shard(corners), crop))}
+
+    def loss_fn(batch: dict, step: int) -> Tensor:
+        images = pixels_to_model(batch["pixels"])
+        recon, kl = t.module(images, run.generator(step))
+        recon = recon.float()
+        return (loss_cfg["l1"] * F.l1_loss(recon, images) + loss_cfg["mse"] * F.mse_loss(recon, images)
+                + loss_cfg["kl"] * kl)
+
+    shown = to_model_images(eval_pool[:8], run.device)
+
+    def on_sample(step: int) -> None:
+        if run.is_main:
+            with ema_weights(run, t) as module:
+                save_grid(torch.cat([shown, reconstruct(module.vae, shown)]), run.out / "samples" / f"vae_{step:07d}.png")
+
+    train_loop(run, t, make_batch, loss_fn, on_sample, desc="vae")
+    with ema_weights(run, t) as module:
+        vae = module.vae.eval()
+        held_out = to_model_images(eval_pool, run.device)
+        figure = psnr(held_out, reconstruct(vae, held_out))
+        sample = np.random.default_rng(run.seed).choice(len(pool), min(len(pool), 2048), replace=False)
+        scale = latent_scaling_factor(vae, to_model_images(pool[np.sort(sample)], run.device), run.generator(EVAL_KEY))
+        vae.register_to_config(scaling_factor=scale)
+        metrics = {"stage": "vae", "params": param_count(vae), **loss_summary(run, t),
+                   "heldout_psnr_db": round(figure, 2), "scaling_factor": scale}
+        if run.is_main:
+            save_pretrained_atomic(vae, run.out / "vae")
+    on_sample(t.step)
+    write_metrics(run, metrics)
+    return metrics

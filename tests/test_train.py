@@ -1,0 +1,146 @@
+"""sfumato train: tiny recipes on CPU; resume must repeat an uninterrupted run exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from sfumato.errors import SfumatoError
+from sfumato.train.cli import train
+from sfumato.train.common import CHECKPOINT, load_recipe
+
+STEPS = 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine run far faster on one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_stage(stage: str, out: Path, *args: str) -> None:
+    extra = {"unet": ["--vae", str(out.parent / "vae_full"), "--clip", str(out.parent / "clip_full")]}
+    result = CliRunner().invoke(train, [stage, "--config", f"tiny_{stage}", "--out", str(out), "--device", "cpu",
+                                        *extra.get(stage, []), *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def full_runs(tmp_path_factory) -> Path:
+    """Uninterrupted tiny runs of every stage (the UNet uses the VAE and CLIP runs)."""
+    root = tmp_path_factory.mktemp("train")
+    torch.set_num_threads(1)
+    for stage in ("vae", "clip", "unet"):
+        run_stage(stage, root / f"{stage}_full", "--steps", str(STEPS))
+    return root
+
+
+def checkpoint(folder: Path) -> dict:
+    return torch.load(folder / CHECKPOINT, weights_only=True)
+
+
+@pytest.mark.parametrize("stage", ["vae", "clip", "unet"])
+def test_resume_repeats_uninterrupted_run(full_runs: Path, stage: str):
+    out = full_runs / f"{stage}_resumed"
+    run_stage(stage, out, "--steps", "2")
+    assert checkpoint(out)["step"] == 2
+    run_stage(stage, out, "--steps", str(STEPS), "--resume")
+    resumed, full = checkpoint(out), checkpoint(full_runs / f"{stage}_full")
+    assert resumed["step"] == full["step"] == STEPS
+    assert resumed["losses"] == full["losses"]  # the steps after the resume too, exactly
+    for key, value in full["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    for a, b in zip(resumed["ema"]["shadow_params"], full["ema"]["shadow_params"], strict=True):
+        assert torch.equal(a, b)
+    assert len(list((out / "samples").glob("*.png"))) >= 2
+
+
+def test_stage_outputs_load_and_report(full_runs: Path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTextModel
+
+    vae = AutoencoderKL.from_pretrained(full_runs / "vae_full" / "vae")
+    metrics = json.loads((full_runs / "vae_full" / "metrics.json").read_text())
+    assert vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
+    assert vae.config.scaling_factor != 1.0  # measured on data, not the default
+    assert metrics["heldout_psnr_db"] > 0
+    clip = CLIPModel.from_pretrained(full_runs / "clip_full" / "clip")
+    text = CLIPTextModel.from_pretrained(full_runs / "clip_full" / "text_encoder")
+    assert torch.equal(text.get_input_embeddings().weight, clip.text_model.get_input_embeddings().weight)
+    assert 0 <= json.loads((full_runs / "clip_full" / "metrics.json").read_text())["retrieval_top1_train"] <= 1
+    unet = UNet2DConditionModel.from_pretrained(full_runs / "unet_full" / "unet")
+    assert unet.config.cross_attention_dim == text.config.hidden_size
+    # the shipped UNet weights are the EMA ones
+    ema = checkpoint(full_runs / "unet_full")["ema"]["shadow_params"]
+    assert all(torch.equal(p, e) for p, e in zip(unet.parameters(), ema, strict=True))
+
+
+def test_max_minutes_stops_cleanly_with_everything_saved(tmp_path: Path):
+    run_stage("vae", tmp_path, "--steps", "1000", "--max-minutes", "0.001")
+    state = checkpoint(tmp_path)
+    assert 1 <= state["step"] < 1000
+    assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_assemble_builds_a_loadable_diffusers_folder(full_runs: Path, tmp_path: Path):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from sfumato.train.assemble import load_clip
+
+    out = tmp_path / "builtin"
+    result = CliRunner().invoke(train, ["assemble", "--vae", str(full_runs / "vae_full"),
+                                        "--clip", str(full_runs / "clip_full"),
+                                        "--unet", str(full_runs / "unet_full"), "--out", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    trained = UNet2DConditionModel.from_pretrained(full_runs / "unet_full" / "unet")
+    for a, b in zip(unet.parameters(), trained.parameters(), strict=True):
+        torch.testing.assert_close(a.float(), b, atol=1e-2, rtol=1e-2)  # fp16 rounding at most
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    assert vae.config.scaling_factor == AutoencoderKL.from_pretrained(full_runs / "vae_full" / "vae").config.scaling_factor
+    text, info = CLIPTextModel.from_pretrained(out / "text_encoder", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    scheduler = DDPMScheduler.from_pretrained(out / "scheduler")
+    assert (scheduler.config.beta_schedule, scheduler.config.beta_start, scheduler.config.beta_end) == (
+        "scaled_linear", 0.00085, 0.012)
+    clip = load_clip(out)
+    assert torch.equal(clip.text_model.get_input_embeddings().weight.half(), text.get_input_embeddings().weight.half())
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "PSNR" in card and f"{sum(p.numel() for p in unet.parameters()):,}" in card
+
+
+def test_shipped_recipes_fit_the_size_budget():
+    from sfumato.train.clip import build_clip
+    from sfumato.train.unet import build_unet
+    from sfumato.train.vae import build_vae
+
+    vae, clip, unet = (load_recipe(name, gpu=False) for name in ("vae", "clip", "unet"))
+    clip_model = build_clip(clip["model"], clip["data"]["size"])
+    width = clip_model.config.text_config.hidden_size
+    parts = [build_vae(vae["model"]), clip_model.text_model, build_unet(unet["model"], width, 16)]
+    total = sum(p.numel() for part in parts for p in part.parameters())
+    assert total * 2 * 2 <= 40e6  # two fp16 copies in 40 MB
+    assert load_recipe("unet", gpu=True)["batch_size"] > unet["batch_size"]  # the [gpu] table applies
+
+
+def test_unknown_recipe_is_a_user_error():
+    with pytest.raises(SfumatoError, match="no training recipe"):
+        load_recipe("no-such-recipe", gpu=False)
+
+
+def test_resume_without_a_checkpoint_is_a_user_error(tmp_path: Path):
+    with pytest.raises(SfumatoError, match="--resume"):
+        CliRunner().invoke(train, ["vae", "--config", "tiny_vae", "--out", str(tmp_path), "--device", "cpu",
+                                   "--resume"], catch_exceptions=False)
