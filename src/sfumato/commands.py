@@ -90,8 +90,9 @@ def generate(ctx: click.Context, prompt: str | None, model, vae, loras, lora_dir
               else GenerationParams(**chosen)).validated()
     init = _open_image(init_image) if init_image else None
 
-    import sfumato
     from tqdm import tqdm
+
+    import sfumato
 
     pipe = sfumato.load(model, vae=vae, device=device, allow_pickle=allow_pickle, lora_dir=lora_dir)
     with tqdm(total=params.steps, desc="sampling", unit="step", leave=False) as bar:

@@ -134,7 +134,7 @@ class Server:
                         event = await asyncio.wait_for(subscriber[1].get(), timeout=2.0)
                         if event["type"] == "status" and event["job"] == job_id:
                             break
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             self.hub.unsubscribe(subscriber)
@@ -279,7 +279,7 @@ async def event_stream(server: Server, job_id: str, preview_every: float = 0.5):
         while job.status not in FINAL:
             try:
                 event = await asyncio.wait_for(queue.get(), timeout=10.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 yield ": keep-alive\n\n"
                 event = {"type": "status", "job": job_id}
             if event["job"] != job_id:

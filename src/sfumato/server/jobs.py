@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 FINAL = ("done", "failed", "cancelled", "interrupted")
@@ -82,14 +82,14 @@ class Job:
 
 
 def current_month(now: float | None = None) -> str:
-    return datetime.fromtimestamp(now or time.time(), timezone.utc).strftime("%Y-%m")
+    return datetime.fromtimestamp(now or time.time(), UTC).strftime("%Y-%m")
 
 
 def next_month_start(now: float | None = None) -> datetime:
     """When a monthly quota resets: the first instant of next month, UTC."""
-    today = datetime.fromtimestamp(now or time.time(), timezone.utc)
+    today = datetime.fromtimestamp(now or time.time(), UTC)
     year, month = (today.year + 1, 1) if today.month == 12 else (today.year, today.month + 1)
-    return datetime(year, month, 1, tzinfo=timezone.utc)
+    return datetime(year, month, 1, tzinfo=UTC)
 
 
 class QuotaExceeded(Exception):
