@@ -8,7 +8,6 @@ written here: diffusers ships that direction only as a script, not as a library 
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 
 from sfumato.errors import CheckpointError
+from sfumato.files import atomic_path
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -256,10 +256,5 @@ def export_single_file(model_dir: Path, out: Path, *, half: bool = False) -> Non
     configs = {"unet": _config_dict(unet.config), "vae": _config_dict(vae.config),
                "text_encoder": _config_dict(encoder.config), "scheduler": parts["scheduler"]}
     metadata = {"format": "pt", META_FAMILY: "sd1", META_CONFIGS: json.dumps(configs)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)

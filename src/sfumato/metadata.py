@@ -10,15 +10,14 @@ The infotext format (what A1111, ComfyUI importers, Civitai and png-info readers
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
 from sfumato import __version__
 from sfumato.errors import SfumatoError
+from sfumato.files import atomic_path
 from sfumato.params import GenerationParams
 
 JSON_CHUNK = "sfumato"
@@ -99,22 +98,12 @@ def params_from_infotext(text: str) -> GenerationParams:
 
 def save_png(image: Image.Image, path: str | Path, *, infotext: str, params: dict) -> Path:
     """Write a PNG with both metadata chunks, atomically: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", infotext)
     info.add_text(JSON_CHUNK, json.dumps(params, sort_keys=True))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
 
 
 def read_png_text(path: str | Path) -> dict[str, str]:

@@ -19,13 +19,13 @@ from torch import Tensor, nn
 
 from sfumato.commands import user_errors
 from sfumato.errors import LoraError
+from sfumato.files import write_bytes_atomic
 from sfumato.lora_formats import canonical_path
 from sfumato.train.lora_data import Example, collect_examples, epoch_batches, load_pixels
 from sfumato.train.lora_export import (
     BASE_MODEL_VERSION,
     kohya_metadata,
     save_lora,
-    write_atomically,
 )
 
 TARGETS = {  # module-name endings per target group
@@ -179,7 +179,7 @@ def save_state(cfg: TrainConfig, roots, optimizer, generator, step: int, started
     torch.save({"step": step, "started": started, "identity": state_identity(cfg),
                 "adapters": {k: p.detach().cpu() for k, p in trainable(roots).items()},
                 "optimizer": optimizer.state_dict(), "rng": generator.get_state()}, buffer)
-    write_atomically(cfg.state_path, buffer.getvalue())
+    write_bytes_atomic(cfg.state_path, buffer.getvalue())
 
 
 def state_identity(cfg: TrainConfig) -> dict:

@@ -4,8 +4,6 @@ ComfyUI show, written atomically."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -13,25 +11,13 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from sfumato.files import write_bytes_atomic
+
 if TYPE_CHECKING:
     from sfumato.train.lora import TrainConfig
     from sfumato.train.lora_data import Example
 
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2"}  # kohya's ss_base_model_version values
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_lora(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
@@ -44,7 +30,7 @@ def save_lora(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) 
     header = int.from_bytes(data[:8], "little")
     # The hash covers the tensor bytes only, which adding it to the header does not change.
     metadata = {**metadata, "sshs_model_hash": hashlib.sha256(data[8 + header:]).hexdigest()}
-    write_atomically(path, save(tensors, metadata))
+    write_bytes_atomic(path, save(tensors, metadata))
 
 
 def tag_frequency(examples: list[Example], folder: Path, repeats: int) -> str:

@@ -24,12 +24,12 @@ import click
 
 from sfumato.commands import user_errors
 from sfumato.errors import SfumatoError
+from sfumato.files import write_bytes_atomic
 from sfumato.world.captions import Claim
 from sfumato.world.suite import (
     EXCLUDED_FROM_OVERALL,
     SUITE_VERSION,
     SuitePrompt,
-    atomic_write_bytes,
     read_suite,
 )
 
@@ -266,10 +266,10 @@ def write_report(report: Report, out: Path) -> tuple[Path, Path]:
     """adherence.json (every image's claims) and adherence.png (the contact sheet) in `out`."""
     import io
 
-    json_path = atomic_write_bytes(out / "adherence.json", json.dumps(report.to_dict(), indent=1).encode())
+    json_path = write_bytes_atomic(out / "adherence.json", json.dumps(report.to_dict(), indent=1).encode())
     buffer = io.BytesIO()
     contact_sheet(report.samples).save(buffer, format="PNG")
-    return json_path, atomic_write_bytes(out / "adherence.png", buffer.getvalue())
+    return json_path, write_bytes_atomic(out / "adherence.png", buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------- command

@@ -59,9 +59,10 @@ def contact_sheet(seed: int, count: int, split: str, size: int, columns: int = 4
 @click.option("--out", type=click.Path(dir_okay=False), required=True)
 def show(seed: int, count: int, split: str, size: int, out: str) -> None:
     """Save a contact sheet of N scenes with their captions."""
-    from sfumato.world.dataset import atomic_write, png_bytes
+    from sfumato.files import write_bytes_atomic
+    from sfumato.world.dataset import png_bytes
 
-    atomic_write(Path(out), png_bytes(contact_sheet(seed, count, split, size)))
+    write_bytes_atomic(Path(out), png_bytes(contact_sheet(seed, count, split, size)))
     click.echo(f"wrote {out}")
 
 

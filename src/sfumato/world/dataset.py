@@ -8,8 +8,6 @@ together they cover it without repeats whatever W is.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 from PIL import Image
 
 from sfumato.errors import SfumatoError
+from sfumato.files import write_bytes_atomic
 from sfumato.world.captions import caption
 from sfumato.world.render import render
 from sfumato.world.scenes import SPLITS, Scene, sample_scene, scene_rng
@@ -28,18 +27,6 @@ def make_item(seed: int, index: int, split: str, size: int) -> tuple[np.ndarray,
     rng = scene_rng(seed, index)
     scene = sample_scene(rng, split)
     return render(scene, size), caption(scene, rng), scene
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -91,9 +78,9 @@ class ShapesDataset(torch.utils.data.IterableDataset):
             image = np.array(Image.open(png).convert("RGB"))
             return image, txt.read_text(), Scene.from_json(js.read_text())
         image, text, scene = make_item(self.seed, index, self.split, self.size)
-        atomic_write(js, scene.to_json().encode())
-        atomic_write(txt, text.encode())
-        atomic_write(png, png_bytes(image))  # written last: its presence means the item is whole
+        write_bytes_atomic(js, scene.to_json().encode())
+        write_bytes_atomic(txt, text.encode())
+        write_bytes_atomic(png, png_bytes(image))  # written last: its presence means the item is whole
         return image, text, scene
 
 
@@ -107,7 +94,7 @@ def export_folder(out_dir: str | Path, n: int, seed: int = 0, split: str = "trai
     for index in range(n):
         image, text, _ = make_item(seed, index, split, size)
         path = out / f"{index:05d}.png"
-        atomic_write(path.with_suffix(".txt"), text.encode())
-        atomic_write(path, png_bytes(image))
+        write_bytes_atomic(path.with_suffix(".txt"), text.encode())
+        write_bytes_atomic(path, png_bytes(image))
         paths.append(path)
     return paths

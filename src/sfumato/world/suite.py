@@ -12,15 +12,14 @@ suite only changes together with SUITE_VERSION. Prompts are written by the capti
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
 from sfumato.errors import SfumatoError
+from sfumato.files import write_bytes_atomic
 from sfumato.world.captions import NOT, Expectation, ObjectQuery, RelationQuery, caption_text, check
 from sfumato.world.scenes import (
     BACKGROUND_KINDS,
@@ -214,21 +213,7 @@ def suite_lines(prompts: list[SuitePrompt]) -> str:
 
 
 def write_suite(prompts: list[SuitePrompt], path: str | Path) -> Path:
-    return atomic_write_bytes(Path(path), suite_lines(prompts).encode())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write via a temp file in the same folder + os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(Path(path), suite_lines(prompts).encode())
 
 
 def read_suite(path: str | Path | None = None) -> list[SuitePrompt]:
