@@ -7,6 +7,8 @@
 #
 # The model lands in OUTDIR/builtin (copy it to src/sfumato/models/builtin to ship it).
 # Re-running continues: finished stages are skipped, interrupted ones resume from their checkpoint.
+# INIT_FROM=MODEL_DIR (a folder assemble wrote, e.g. src/sfumato/models/builtin) starts every stage from
+# its weights instead of from scratch (fresh optimizer, step 0): training goes on across sessions.
 # Env: PYTHON (default python, else python3), LAUNCH (e.g. "accelerate launch --multi_gpu --num_processes 4"),
 #      VAE_MIN / CLIP_MIN / UNET_MIN (minute budgets per stage).
 set -euo pipefail
@@ -32,11 +34,14 @@ declare -A SECONDS_OF
 stage() {  # stage NAME MINUTES [extra options]
   local name=$1 minutes=$2 dir="$OUT/$1"; shift 2
   if [[ -f "$dir/metrics.json" ]]; then echo "== $name: done already ($dir/metrics.json)"; return; fi
-  local resume=(); [[ -f "$dir/checkpoint.pt" ]] && resume=(--resume)
-  echo "== $name (at most $minutes min on $DEVICE)"
+  # An interrupted stage resumes its checkpoint (which already holds the INIT_FROM weights it began with).
+  local start_from=()
+  if [[ -f "$dir/checkpoint.pt" ]]; then start_from=(--resume)
+  elif [[ -n "${INIT_FROM:-}" ]]; then start_from=(--init-from "$INIT_FROM"); fi
+  echo "== $name (at most $minutes min on $DEVICE${INIT_FROM:+, from $INIT_FROM})"
   local start=$(date +%s)
   $LAUNCH -m sfumato.train.cli "$name" --config "$PREFIX$name" --out "$dir" --device "$DEVICE" \
-    --max-minutes "$minutes" "${resume[@]}" "$@"
+    --max-minutes "$minutes" "${start_from[@]}" "$@"
   SECONDS_OF[$name]=$(( $(date +%s) - start ))
 }
 

@@ -1,4 +1,5 @@
-"""sfumato train: tiny recipes on CPU; resume must repeat an uninterrupted run exactly."""
+"""sfumato train: tiny recipes on CPU; resume must repeat an uninterrupted run exactly, and
+--init-from must start exactly from an assembled folder's weights."""
 
 from __future__ import annotations
 
@@ -40,6 +41,18 @@ def full_runs(tmp_path_factory) -> Path:
     for stage in ("vae", "clip", "unet"):
         run_stage(stage, root / f"{stage}_full", "--steps", str(STEPS))
     return root
+
+
+@pytest.fixture(scope="module")
+def assembled(full_runs: Path) -> Path:
+    """The full runs, assembled into a model folder."""
+    out = full_runs / "builtin"
+    result = CliRunner().invoke(train, ["assemble", "--vae", str(full_runs / "vae_full"),
+                                        "--clip", str(full_runs / "clip_full"),
+                                        "--unet", str(full_runs / "unet_full"), "--out", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out
 
 
 def checkpoint(folder: Path) -> dict:
@@ -89,18 +102,13 @@ def test_max_minutes_stops_cleanly_with_everything_saved(tmp_path: Path):
     assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").exists()
 
 
-def test_assemble_builds_a_loadable_diffusers_folder(full_runs: Path, tmp_path: Path):
+def test_assemble_builds_a_loadable_diffusers_folder(full_runs: Path, assembled: Path):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from sfumato.train.assemble import load_clip
 
-    out = tmp_path / "builtin"
-    result = CliRunner().invoke(train, ["assemble", "--vae", str(full_runs / "vae_full"),
-                                        "--clip", str(full_runs / "clip_full"),
-                                        "--unet", str(full_runs / "unet_full"), "--out", str(out)],
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    out = assembled
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
@@ -144,3 +152,64 @@ def test_resume_without_a_checkpoint_is_a_user_error(tmp_path: Path):
     with pytest.raises(SfumatoError, match="--resume"):
         CliRunner().invoke(train, ["vae", "--config", "tiny_vae", "--out", str(tmp_path), "--device", "cpu",
                                    "--resume"], catch_exceptions=False)
+
+
+def saved_tensors(folder: Path, stage: str, *, assembled: bool) -> dict[str, torch.Tensor]:
+    """The tensors of `stage` in a model folder, named as in the stage's checkpoint, in fp32.
+    An assembled clip/ lacks the text tower (that is text_encoder/); a stage's clip/ is the whole CLIP."""
+    from safetensors.torch import load_file
+
+    if stage == "clip":
+        files = [folder / "clip" / "model.safetensors"]
+        files += [folder / "text_encoder" / "model.safetensors"] if assembled else []
+    else:
+        files = [folder / stage / "diffusion_pytorch_model.safetensors"]
+    prefix = "vae." if stage == "vae" else ""  # the VAE trains inside a wrapper module
+    return {prefix + k: v.float() for file in files for k, v in load_file(file).items()}
+
+
+@pytest.mark.parametrize("stage", ["vae", "clip", "unet"])
+def test_init_from_starts_from_the_assembled_weights_and_trains_on(assembled: Path, stage: str):
+    out = assembled.parent / f"{stage}_continued"
+    run_stage(stage, out, "--steps", "0", "--init-from", str(assembled))
+    start, expected = checkpoint(out), saved_tensors(assembled, stage, assembled=True)
+    assert start["step"] == 0 and start["losses"] == []
+    assert set(start["model"]) == set(expected)
+    for key, value in expected.items():
+        assert start["model"][key].dtype == torch.float32
+        assert torch.equal(start["model"][key], value), key
+    shipped = saved_tensors(out, stage, assembled=False)  # the stage ships its EMA weights
+    assert set(shipped) == set(expected)
+    assert all(torch.equal(shipped[k], v) for k, v in expected.items())  # the EMA starts at them too
+    assert json.loads((out / "metrics.json").read_text())["init_from"] == str(assembled)
+
+    run_stage(stage, out, "--steps", "2", "--resume")  # a session later: on from that checkpoint
+    state = checkpoint(out)
+    assert state["step"] == 2 and len(state["losses"]) == 2
+    assert all(torch.isfinite(torch.tensor(state["losses"])))
+    assert any(not torch.equal(state["model"][k], v) for k, v in expected.items())
+
+
+def test_init_from_another_architecture_is_a_user_error(assembled: Path, tmp_path: Path):
+    recipe = (Path(__file__).parents[1] / "src/sfumato/configs/train/tiny_vae.toml").read_text()
+    assert "norm_num_groups = 4" in recipe
+    (tmp_path / "other.toml").write_text(recipe.replace("norm_num_groups = 4", "norm_num_groups = 2"))
+    with pytest.raises(SfumatoError, match="norm_num_groups is 4 there, 2 in the recipe"):
+        CliRunner().invoke(train, ["vae", "--config", str(tmp_path / "other.toml"), "--out", str(tmp_path / "out"),
+                                   "--device", "cpu", "--init-from", str(assembled)], catch_exceptions=False)
+
+
+def test_init_from_and_resume_together_is_a_user_error(assembled: Path, tmp_path: Path):
+    with pytest.raises(SfumatoError, match="exclude each other"):
+        CliRunner().invoke(train, ["vae", "--config", "tiny_vae", "--out", str(tmp_path), "--device", "cpu",
+                                   "--resume", "--init-from", str(assembled)], catch_exceptions=False)
+
+
+def test_model_card_says_which_stages_continued_earlier_weights():
+    from sfumato.train.assemble import model_card
+
+    summary = {"params": {"unet": 3, "vae": 2, "text_encoder": 1, "clip_vision_and_projections": 1},
+               "shipped_params": 6, "megabytes": 0.1, "fp16": {}, "fp16_relative_error": {}}
+    card = model_card(summary, {"vae": {"init_from": "old/builtin"}, "clip": {}, "unet": {}}, "")
+    assert "The vae stage continued the weights of old/builtin" in card
+    assert "clip stage continued" not in card and "unet stage continued" not in card

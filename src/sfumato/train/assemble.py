@@ -5,6 +5,9 @@
     scheduler/                  SD's noise schedule, the UNet's prediction type
     clip/                       vision tower + projections for a CLIP score (see load_clip)
     MODEL_CARD.md, samples.png
+
+Weights-only, it is also where training continues from: `sfumato train vae|clip|unet --init-from`
+loads a component back with load_saved (clip/ + text_encoder/ make up the whole CLIP stage).
 """
 
 from __future__ import annotations
@@ -16,13 +19,17 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from sfumato.errors import SfumatoError
-from sfumato.train.common import param_count, render_pool, stage_folder, to_model_images
+from sfumato.train.common import param_count, stage_folder
+from sfumato.train.data import render_pool, to_model_images
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 FP16_TOLERANCE = 1e-2  # RMS(fp16-weights output - fp32 output) / std(output) still called "the same"
 TEXT_PREFIX = "text_model."  # SD's text_encoder key layout, which transformers 4.x and 5.x both load
+# Config entries that describe a file, not an architecture (and the VAE's scale, measured after training).
+CONFIG_METADATA = {"architectures", "dtype", "torch_dtype", "transformers_version", "scaling_factor"}
 
 
 def _read_metrics(folder: Path) -> dict:
@@ -96,20 +103,68 @@ def _save_clip_score_parts(clip_dir: Path, folder: Path, half: bool) -> int:
 
 def load_clip(model_dir: str | Path):
     """The full CLIPModel of a built-in model folder (text_encoder/ + clip/), for a CLIP score."""
-    from safetensors.torch import load_file
     from transformers import CLIPConfig, CLIPModel
 
     model_dir = Path(model_dir)
-    clip = CLIPModel(CLIPConfig.from_pretrained(model_dir / "clip")).eval()
-    weights = load_file(model_dir / "clip" / "model.safetensors")
-    text = load_file(model_dir / "text_encoder" / "model.safetensors")
-    weights |= {(k if k.startswith(TEXT_PREFIX) else TEXT_PREFIX + k): v for k, v in text.items()}
-    target = clip.state_dict()
-    missing = set(target) - set(weights)
-    if missing:
-        raise SfumatoError(f"{model_dir} lacks CLIP weights {sorted(missing)[:3]}...: re-run `sfumato train assemble`")
-    clip.load_state_dict({k: weights[k].to(target[k].dtype) for k in target})
+    clip = CLIPModel(CLIPConfig.from_pretrained(stage_folder(model_dir, "clip"))).eval()
+    load_saved(clip, model_dir, "clip")
     return clip
+
+
+def saved_weights(model_dir: Path, name: str) -> tuple[dict, dict[str, Tensor]]:
+    """Config and tensors (as stored: fp16 or fp32) of component `name` (vae, unet or clip) of a
+    folder that assemble or a stage wrote. An assembled clip/ lacks the text tower: text_encoder/ has it."""
+    from safetensors.torch import load_file
+
+    folder = stage_folder(model_dir, name)
+    if name != "clip":
+        return json.loads((folder / "config.json").read_text()), load_file(folder / DIFFUSERS_WEIGHTS)
+    from transformers import CLIPConfig
+
+    weights = load_file(folder / "model.safetensors")
+    text_file = folder.parent / "text_encoder" / "model.safetensors"
+    if not any(k.startswith(TEXT_PREFIX) for k in weights) and text_file.exists():
+        text = load_file(text_file)
+        weights |= {(k if k.startswith(TEXT_PREFIX) else TEXT_PREFIX + k): v for k, v in text.items()}
+    return CLIPConfig.from_pretrained(folder).to_dict(), weights
+
+
+def _architecture(config: dict, prefix: str = "") -> dict:
+    """A config as flat {dotted key: JSON value}, without file metadata (tuples become lists as in JSON)."""
+    flat = {}
+    for key, value in config.items():
+        if str(key).startswith("_") or key in CONFIG_METADATA:
+            continue
+        if isinstance(value, dict):
+            flat |= _architecture(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = json.loads(json.dumps(value))
+    return flat
+
+
+def load_saved(module: torch.nn.Module, model_dir: str | Path, name: str) -> None:
+    """Component `name` of model_dir's weights into `module`, in the module's dtype (fp32).
+
+    The saved config must describe the module's architecture: entries both configs have must agree
+    (entries only one library version writes are let through), and every tensor must be there.
+    """
+    model_dir = Path(model_dir)
+    saved_config, weights = saved_weights(model_dir, name)
+    config = module.config  # transformers: a PretrainedConfig; diffusers: a FrozenDict
+    built = _architecture(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    saved = _architecture(saved_config)
+    differ = [key for key in sorted(built.keys() & saved.keys()) if built[key] != saved[key]]
+    if differ:
+        shown = "; ".join(f"{key} is {saved[key]} there, {built[key]} in the recipe" for key in differ[:4])
+        raise SfumatoError(f"{model_dir} holds a {name} of another architecture ({shown}): "
+                           f"continue it with the recipe it was trained with")
+    target = module.state_dict()
+    missing = [key for key in target if key not in weights]
+    misshapen = [key for key in target if key in weights and weights[key].shape != target[key].shape]
+    if missing or misshapen:
+        raise SfumatoError(f"{model_dir} lacks {name} weights {(missing + misshapen)[:3]} (or they have other "
+                           f"shapes): give a folder `sfumato train assemble` wrote from this architecture")
+    module.load_state_dict({key: weights[key].to(target[key].dtype) for key in target})
 
 
 def assemble_model(vae_dir: Path, clip_dir: Path, unet_dir: Path, out: Path, *, hardware: str = "") -> dict:
@@ -201,6 +256,8 @@ def model_card(summary: dict, stages: dict, hardware: str) -> str:
         "## Training",
         "",
         f"Hardware: {hardware or ', '.join(devices)}. Total wall time {minutes:.1f} min.",
+        *[f"The {name} stage continued the weights of {s['init_from']} (--init-from): its steps and minutes "
+          "below are this run's only." for name, s in stages.items() if s.get("init_from")],
         "",
         "| stage | steps | batch | minutes | samples/s | final loss |",
         "|---|---|---|---|---|---|",

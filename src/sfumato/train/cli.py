@@ -26,16 +26,19 @@ def stage_command(stage: str) -> Callable:
                       help="recipe: a name in sfumato/configs/train or a .toml path")
         @click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
         @click.option("--resume", is_flag=True, help="continue from OUT/checkpoint.pt")
+        @click.option("--init-from", type=click.Path(file_okay=False),
+                      help="start from the weights of a model folder `sfumato train assemble` wrote "
+                           "(fresh optimizer, step 0; the architecture must be the recipe's)")
         @click.option("--max-minutes", type=float, help="stop cleanly (saving) after this wall time")
         @click.option("--steps", type=int, help="override the recipe's number of steps")
         @click.option("--batch-size", type=int, help="override the recipe's global batch size")
         @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
         @functools.wraps(fn)
-        def command(config, out, resume, max_minutes, steps, batch_size, device, **extra) -> None:
+        def command(config, out, resume, init_from, max_minutes, steps, batch_size, device, **extra) -> None:
             from sfumato.train.common import start_run
 
             run = start_run(config, out, resume=resume, max_minutes=max_minutes, steps=steps,
-                            batch_size=batch_size, device=device)
+                            batch_size=batch_size, device=device, init_from=init_from)
             metrics = fn(run, **extra)
             if run.is_main:
                 shown = {k: v for k, v in metrics.items() if k not in ("loss_curve", "recipe")}

@@ -8,11 +8,11 @@ vision tower as (b, 3, 128, 128) in [-1, 1]; OUT/clip's preprocessor config says
 from __future__ import annotations
 
 import json
-import random
 
 import torch
 from torch import Tensor
 
+from sfumato.train.assemble import load_saved
 from sfumato.train.common import (
     Run,
     atomic_write_text,
@@ -20,17 +20,21 @@ from sfumato.train.common import (
     loss_summary,
     make_trainable,
     param_count,
-    pixels_to_model,
-    random_captions,
-    render_pool,
     save_grid,
     save_pretrained_atomic,
-    to_model_images,
-    tokenize,
     train_loop,
     write_metrics,
 )
-from sfumato.train.vae import EVAL_SEED_OFFSET
+from sfumato.train.data import (
+    EVAL_SEED_OFFSET,
+    eval_captions,
+    load_tokenizer,
+    pixels_to_model,
+    random_captions,
+    render_pool,
+    to_model_images,
+    tokenize,
+)
 
 BOS, EOS = 49406, 49407  # CLIP's <|startoftext|>, <|endoftext|> (also the SD1 pad token)
 
@@ -62,19 +66,6 @@ def text_encoder_of(clip):
     return encoder.eval()
 
 
-def load_tokenizer():
-    from sfumato.text import load_clip_tokenizer
-
-    return load_clip_tokenizer()
-
-
-def eval_captions(scenes: list, seed: int) -> list[str]:
-    """One fixed caption per evaluation scene."""
-    from sfumato.world import caption
-
-    return [caption(scene, random.Random(f"eval/{seed}/{i}")) for i, scene in enumerate(scenes)]
-
-
 @torch.no_grad()
 def similarity(clip, images: Tensor, input_ids: Tensor) -> Tensor:
     """(images, captions) cosine similarities of the projected embeddings."""
@@ -104,7 +95,9 @@ def train_clip(run: Run) -> dict:
     pool, scenes = render_pool(run.seed, data["train_scenes"], "train", data["size"], data.get("workers", 0))
     tokenizer = load_tokenizer()
     clip = build_clip(r["model"], data["size"])
-    t = make_trainable(run, clip)
+    if run.init_from:
+        load_saved(clip, run.init_from, "clip")
+    t = make_trainable(run, clip)  # after loading: the EMA starts from those weights
 
     def make_batch(step: int) -> dict:
         index = run.shard(run.numpy_rng(step).integers(0, len(pool), r["batch_size"]))

@@ -1,4 +1,4 @@
-"""Pieces every trainer shares: recipes, seeding, accelerate, data pools, checkpoints, the loop.
+"""Pieces every trainer shares: recipes, seeding, accelerate, checkpoints, the loop (data: data.py).
 
 Every random draw of a training step comes from a generator seeded by (seed, step, rank), never
 from global state, so a run resumed from a checkpoint repeats the steps of an uninterrupted one
@@ -8,7 +8,6 @@ exactly. Only the main process writes files; every file is written atomically.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 import shutil
 import signal
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor
 
 from sfumato.errors import SfumatoError
+from sfumato.train.data import hash_seed, step_batches
 
 try:
     import tomllib
@@ -79,6 +79,7 @@ class Run:
     started: float
     deadline: float  # time.time() at which training must stop to leave room for the finish
     resume: bool
+    init_from: Path | None = None  # a model folder whose weights the stage starts from (--init-from)
 
     @property
     def device(self) -> torch.device:
@@ -107,16 +108,18 @@ class Run:
         return items[self.accelerator.process_index :: self.accelerator.num_processes]
 
 
-def hash_seed(*keys: int) -> int:
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
 def start_run(config: str, out: str | Path, *, resume: bool, max_minutes: float | None,
-              steps: int | None, batch_size: int | None, device: str | None) -> Run:
+              steps: int | None, batch_size: int | None, device: str | None,
+              init_from: str | Path | None = None) -> Run:
     """Parse the shared options; make the accelerator (bf16 on CUDA, gradient sync across GPUs)."""
     from accelerate import Accelerator
 
     started = time.time()
+    if resume and init_from is not None:
+        raise SfumatoError("--resume and --init-from exclude each other: --resume continues OUT/checkpoint.pt "
+                           "(weights, optimizer, step); --init-from starts a fresh run from a model folder's weights")
+    if init_from is not None and not Path(init_from).is_dir():
+        raise SfumatoError(f"--init-from {init_from}: no such folder; give a folder `sfumato train assemble` wrote")
     if device == "cuda" and not torch.cuda.is_available():
         raise SfumatoError("--device cuda: no CUDA GPU is visible; use --device cpu")
     cpu = device == "cpu" or not torch.cuda.is_available()
@@ -138,49 +141,10 @@ def start_run(config: str, out: str | Path, *, resume: bool, max_minutes: float 
     deadline = started + budget - min(FINAL_SECONDS, FINAL_FRACTION * budget)
     torch.manual_seed(recipe["seed"])
     torch.backends.cudnn.benchmark = True  # fixed shapes every step: pick the fastest conv kernels once
-    return Run(recipe, out, accelerator, started, deadline, resume)
+    return Run(recipe, out, accelerator, started, deadline, resume, None if init_from is None else Path(init_from))
 
 
-# ----------------------------------------------------------------------------- data
-
-def _render_range(args: tuple) -> list:
-    """Scenes start..stop of stream `seed` (each depends only on (seed, index)), rendered into
-    rows start..stop of the array file `path` (no pickling of gigabytes back to the parent)."""
-    from sfumato.world import render, sample_scene
-    from sfumato.world.scenes import scene_rng
-
-    seed, start, stop, split, size, path, n = args
-    scenes = [sample_scene(scene_rng(seed, i), split) for i in range(start, stop)]
-    rows = np.memmap(path, np.uint8, "r+", shape=(n, size, size, 3))
-    for i, scene in enumerate(scenes):
-        rows[start + i] = render(scene, size)
-    rows.flush()
-    return scenes
-
-
-def render_pool(seed: int, n: int, split: str, size: int, workers: int = 0) -> tuple[np.ndarray, list]:
-    """Scenes 0..n-1 of `split` and their images, (n, size, size, 3) uint8, by a process pool.
-
-    Rendering once into memory keeps a GPU fed: a training step only gathers rows.
-    """
-    from sfumato.world import render, sample_scenes
-
-    workers = workers or len(os.sched_getaffinity(0))
-    if workers <= 1 or n < 1024:
-        scenes = sample_scenes(seed, n, split)
-        return np.stack([render(scene, size) for scene in scenes]), scenes
-    # A file, not /dev/shm: containers often give shared memory only a few MB.
-    with tempfile.TemporaryDirectory(prefix="sfumato-render-") as folder:
-        path = os.path.join(folder, "pool.u8")
-        np.memmap(path, np.uint8, "w+", shape=(n, size, size, 3)).flush()
-        chunk = math.ceil(n / (workers * 4))
-        jobs = [(seed, i, min(n, i + chunk), split, size, path, n) for i in range(0, n, chunk)]
-        # forkserver: a CUDA context in the parent must not be forked.
-        with multiprocessing.get_context("forkserver").Pool(workers) as pool:
-            scenes = [scene for part in pool.map(_render_range, jobs) for scene in part]
-        images = np.array(np.memmap(path, np.uint8, "r", shape=(n, size, size, 3)))
-    return images, scenes
-
+# ----------------------------------------------------------------------------- files
 
 def stage_folder(path: Path, name: str) -> Path:
     """A stage's output folder or the model folder inside it (OUT or OUT/vae both work)."""
@@ -188,55 +152,10 @@ def stage_folder(path: Path, name: str) -> Path:
         return path / name
     if (path / "config.json").exists():
         return path
-    raise SfumatoError(f"{path} holds no {name} model: give the folder a `sfumato train` stage wrote")
+    raise SfumatoError(f"{path} holds no {name} model: give the folder a `sfumato train` stage "
+                       "or `sfumato train assemble` wrote")
 
 
-def pixels_to_model(pixels: Tensor) -> Tensor:
-    """(b, H, W, 3) uint8 -> (b, 3, H, W) float in [-1, 1], on the pixels' device."""
-    return pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def to_model_images(pixels: np.ndarray, device: torch.device) -> Tensor:
-    return pixels_to_model(torch.from_numpy(np.ascontiguousarray(pixels)).to(device))
-
-
-def random_captions(scenes: list, seed: int, *keys: int) -> list[str]:
-    """A fresh caption of each scene: the same scene gets other words every epoch."""
-    import random
-
-    from sfumato.world import caption
-
-    return [caption(scene, random.Random(hash_seed(seed, *keys, i))) for i, scene in enumerate(scenes)]
-
-
-def tokenize(tokenizer, captions: list[str]) -> Tensor:
-    """(b, 77) token ids on the CPU, padded as SD1 pads (with <|endoftext|>)."""
-    return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-
-
-class _StepBatches(torch.utils.data.Dataset):
-    """Item `step` is the batch of that step: DataLoader workers build batches ahead of the GPU."""
-
-    def __init__(self, make_batch: Callable[[int], dict]):
-        self.make_batch = make_batch
-
-    def __getitem__(self, step: int) -> dict:
-        return self.make_batch(step)
-
-
-def step_batches(run: Run, make_batch: Callable[[int], dict], start: int) -> Iterator[dict]:
-    """make_batch(start), make_batch(start + 1), ... built by recipe data.loader_workers processes."""
-    workers = run.recipe["data"].get("loader_workers", 0)
-    loader = torch.utils.data.DataLoader(
-        _StepBatches(make_batch), batch_size=None, sampler=range(start, run.recipe["steps"]),
-        num_workers=workers, pin_memory=run.device.type == "cuda", prefetch_factor=4 if workers else None,
-        # fork: workers share the rendered pool copy-on-write and never touch CUDA.
-        multiprocessing_context="fork" if workers else None, persistent_workers=False)
-    for batch in loader:
-        yield {k: v.to(run.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
-# ----------------------------------------------------------------------------- files
 
 @contextmanager
 def atomic_file(path: Path, suffix: str = "") -> Iterator[str]:
@@ -400,7 +319,9 @@ def train_loop(run: Run, t: Trainable, make_batch: Callable[[int], dict], loss_f
     t.setup_seconds = tick - run.started
     bar = tqdm(total=r["steps"], initial=t.step, desc=desc, disable=not run.is_main, dynamic_ncols=True)
     with stop_on_signals() as signals:
-        for batch in step_batches(run, make_batch, t.step):
+        batches = step_batches(make_batch, t.step, r["steps"], workers=r["data"].get("loader_workers", 0),
+                               device=run.device)
+        for batch in batches:
             for group in t.optimizer.param_groups:  # linear warm-up, then constant: resumable at any step
                 group["lr"] = r["lr"] * min(1.0, (t.step + 1) / warmup)
             with acc.autocast():
@@ -460,7 +381,8 @@ def write_metrics(run: Run, metrics: dict) -> None:
     import json
 
     if run.is_main:
-        metrics = {**metrics, "minutes": round((time.time() - run.started) / 60, 2),
+        metrics = {**metrics, "init_from": str(run.init_from) if run.init_from else None,
+                   "minutes": round((time.time() - run.started) / 60, 2),
                    "device": torch.cuda.get_device_name() if run.device.type == "cuda" else "cpu",
                    "processes": run.accelerator.num_processes, "recipe": run.recipe}
         atomic_write_text(run.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")

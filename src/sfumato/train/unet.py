@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sfumato.train.clip import eval_captions, load_tokenizer
+from sfumato.train.assemble import load_saved
 from sfumato.train.common import (
     EVAL_KEY,
     Run,
@@ -24,17 +24,21 @@ from sfumato.train.common import (
     loss_summary,
     make_trainable,
     param_count,
-    random_captions,
-    render_pool,
     save_grid,
     save_pretrained_atomic,
     stage_folder,
-    to_model_images,
-    tokenize,
     train_loop,
     write_metrics,
 )
-from sfumato.train.vae import EVAL_SEED_OFFSET
+from sfumato.train.data import (
+    EVAL_SEED_OFFSET,
+    eval_captions,
+    load_tokenizer,
+    random_captions,
+    render_pool,
+    to_model_images,
+    tokenize,
+)
 
 
 def build_unet(model: dict, cross_attention_dim: int, sample_size: int):
@@ -109,7 +113,8 @@ def load_frozen(vae_dir: Path, clip_dir: Path, device: torch.device):
     from transformers import CLIPTextModel
 
     vae = AutoencoderKL.from_pretrained(stage_folder(vae_dir, "vae")).to(device).eval().requires_grad_(False)
-    text_encoder = CLIPTextModel.from_pretrained(stage_folder(clip_dir, "text_encoder"))
+    # fp32 even from an assembled folder's fp16 weights (transformers would keep their dtype)
+    text_encoder = CLIPTextModel.from_pretrained(stage_folder(clip_dir, "text_encoder"), dtype=torch.float32)
     return vae, text_encoder.to(device).eval().requires_grad_(False)
 
 
@@ -124,7 +129,9 @@ def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
     scale = vae.config.scaling_factor
     scheduler = build_scheduler(r.get("prediction_type", "epsilon"))
     unet = build_unet(r["model"], text_encoder.config.hidden_size, mean.shape[-1])
-    t = make_trainable(run, unet)
+    if run.init_from:
+        load_saved(unet, run.init_from, "unet")
+    t = make_trainable(run, unet)  # after loading: the EMA starts from those weights
 
     def make_batch(step: int) -> dict:
         rng = run.numpy_rng(step)

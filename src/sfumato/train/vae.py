@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sfumato.train.assemble import load_saved
 from sfumato.train.common import (
     EVAL_KEY,
     Run,
@@ -18,16 +19,12 @@ from sfumato.train.common import (
     loss_summary,
     make_trainable,
     param_count,
-    pixels_to_model,
-    render_pool,
     save_grid,
     save_pretrained_atomic,
-    to_model_images,
     train_loop,
     write_metrics,
 )
-
-EVAL_SEED_OFFSET = 1_000_003  # eval scenes come from another stream than training scenes
+from sfumato.train.data import EVAL_SEED_OFFSET, pixels_to_model, render_pool, to_model_images
 
 
 def build_vae(model: dict):
@@ -89,7 +86,9 @@ def train_vae(run: Run) -> dict:
     pool, _ = render_pool(run.seed, data["train_scenes"], "train", data["size"], data.get("workers", 0))
     eval_pool, _ = render_pool(run.seed + EVAL_SEED_OFFSET, data["eval_scenes"], "train", data["size"])
     vae = build_vae(r["model"])
-    t = make_trainable(run, VAEWithPosterior(vae))
+    if run.init_from:
+        load_saved(vae, run.init_from, "vae")
+    t = make_trainable(run, VAEWithPosterior(vae))  # after loading: the EMA starts from those weights
     loss_cfg = r["loss"]
 
     def make_batch(step: int) -> dict:

@@ -1,0 +1,126 @@
+"""The trainers' data: rendered scene pools, per-step batches, captions and token ids.
+
+Everything random here is keyed by (seed, step, ...) rather than drawn from global state, so a
+resumed run sees the very batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import random
+import tempfile
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+EVAL_SEED_OFFSET = 1_000_003  # eval scenes come from another stream than training scenes
+
+
+def hash_seed(*keys: int) -> int:
+    """A 63-bit seed mixed from integer keys (numpy's SeedSequence: nearby keys, unrelated seeds)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+# ----------------------------------------------------------------------------- rendered pools
+
+def _render_range(args: tuple) -> list:
+    """Scenes start..stop of stream `seed` (each depends only on (seed, index)), rendered into
+    rows start..stop of the array file `path` (no pickling of gigabytes back to the parent)."""
+    from sfumato.world import render, sample_scene
+    from sfumato.world.scenes import scene_rng
+
+    seed, start, stop, split, size, path, n = args
+    scenes = [sample_scene(scene_rng(seed, i), split) for i in range(start, stop)]
+    rows = np.memmap(path, np.uint8, "r+", shape=(n, size, size, 3))
+    for i, scene in enumerate(scenes):
+        rows[start + i] = render(scene, size)
+    rows.flush()
+    return scenes
+
+
+def render_pool(seed: int, n: int, split: str, size: int, workers: int = 0) -> tuple[np.ndarray, list]:
+    """Scenes 0..n-1 of `split` and their images, (n, size, size, 3) uint8, by a process pool.
+
+    Rendering once into memory keeps a GPU fed: a training step only gathers rows.
+    """
+    from sfumato.world import render, sample_scenes
+
+    workers = workers or len(os.sched_getaffinity(0))
+    if workers <= 1 or n < 1024:
+        scenes = sample_scenes(seed, n, split)
+        return np.stack([render(scene, size) for scene in scenes]), scenes
+    # A file, not /dev/shm: containers often give shared memory only a few MB.
+    with tempfile.TemporaryDirectory(prefix="sfumato-render-") as folder:
+        path = os.path.join(folder, "pool.u8")
+        np.memmap(path, np.uint8, "w+", shape=(n, size, size, 3)).flush()
+        chunk = math.ceil(n / (workers * 4))
+        jobs = [(seed, i, min(n, i + chunk), split, size, path, n) for i in range(0, n, chunk)]
+        # forkserver: a CUDA context in the parent must not be forked.
+        with multiprocessing.get_context("forkserver").Pool(workers) as pool:
+            scenes = [scene for part in pool.map(_render_range, jobs) for scene in part]
+        images = np.array(np.memmap(path, np.uint8, "r", shape=(n, size, size, 3)))
+    return images, scenes
+
+
+def pixels_to_model(pixels: Tensor) -> Tensor:
+    """(b, H, W, 3) uint8 -> (b, 3, H, W) float in [-1, 1], on the pixels' device."""
+    return pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_model_images(pixels: np.ndarray, device: torch.device) -> Tensor:
+    return pixels_to_model(torch.from_numpy(np.ascontiguousarray(pixels)).to(device))
+
+
+# ----------------------------------------------------------------------------- captions and tokens
+
+def random_captions(scenes: list, seed: int, *keys: int) -> list[str]:
+    """A fresh caption of each scene: the same scene gets other words every epoch."""
+    from sfumato.world import caption
+
+    return [caption(scene, random.Random(hash_seed(seed, *keys, i))) for i, scene in enumerate(scenes)]
+
+
+def eval_captions(scenes: list, seed: int) -> list[str]:
+    """One fixed caption per evaluation scene."""
+    from sfumato.world import caption
+
+    return [caption(scene, random.Random(f"eval/{seed}/{i}")) for i, scene in enumerate(scenes)]
+
+
+def load_tokenizer():
+    from sfumato.text import load_clip_tokenizer
+
+    return load_clip_tokenizer()
+
+
+def tokenize(tokenizer, captions: list[str]) -> Tensor:
+    """(b, 77) token ids on the CPU, padded as SD1 pads (with <|endoftext|>)."""
+    return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+# ----------------------------------------------------------------------------- batches
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Item `step` is the batch of that step: DataLoader workers build batches ahead of the GPU."""
+
+    def __init__(self, make_batch: Callable[[int], dict]):
+        self.make_batch = make_batch
+
+    def __getitem__(self, step: int) -> dict:
+        return self.make_batch(step)
+
+
+def step_batches(make_batch: Callable[[int], dict], start: int, stop: int, *, workers: int,
+                 device: torch.device) -> Iterator[dict]:
+    """make_batch(start), ..., make_batch(stop - 1) built by `workers` processes, moved to `device`."""
+    loader = torch.utils.data.DataLoader(
+        _StepBatches(make_batch), batch_size=None, sampler=range(start, stop),
+        num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+        # fork: workers share the rendered pool copy-on-write and never touch CUDA.
+        multiprocessing_context="fork" if workers else None, persistent_workers=False)
+    for batch in loader:
+        yield {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
