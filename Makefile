@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test lint
+.PHONY: install browser demo test lint
 
 install: $(VENV)/.installed
 
@@ -19,9 +19,16 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/sfumato generate "a red star above a blue circle under a night sky" --seed 1 --out outputs/
 
-test: install
+# The web page is tested in a real headless Chromium (Debian's packages; needs root or sudo once).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  ( $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -q && \
+	    $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q chromium chromium-driver )
+
+# Two processes (pytest-xdist) with one torch thread each: tiny models gain nothing from threads.
+test: install browser
 	$(BIN)/ruff check src tests
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2
 
 lint: install
 	$(BIN)/ruff check src tests
