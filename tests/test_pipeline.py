@@ -105,3 +105,17 @@ def test_matches_diffusers_stable_diffusion_pipeline(pipe, tiny_model_dir):
 
     ours = decode(pipe.model.vae, latents)[0].permute(1, 2, 0).numpy()
     assert np.abs(ours - expected).max() <= 1e-3
+
+
+def test_untrusted_lora_names_stay_inside_the_lora_folder(tiny_model_dir, tmp_path):
+    from sfumato.errors import LoraError
+    from sfumato.pipeline import Pipeline
+
+    (tmp_path / "loras").mkdir()
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(b"not a lora")
+    pipe = Pipeline.load(str(tiny_model_dir), device="cpu", lora_dir=tmp_path / "loras",
+                         allow_lora_paths=False)
+    for name in (str(outside), "../outside"):
+        with pytest.raises(LoraError):
+            pipe.generate(prompt=f"x <lora:{name}:1>", seed=1, steps=1, width=64, height=64)

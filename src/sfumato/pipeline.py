@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sfumato import accel
 from sfumato import latents as latent_space
 from sfumato.checkpoints import BUILTIN_MODEL, Model, load_model
 from sfumato.denoiser import Conditioning, UNetDenoiser, cfg_denoiser
@@ -61,11 +62,14 @@ class Pipeline:
     (and the LoRAs currently applied to it)."""
 
     def __init__(self, model: Model, device: torch.device, dtype: torch.dtype,
-                 lora_dir: str | Path | None = None):
+                 lora_dir: str | Path | None = None, levers: accel.Levers | None = None,
+                 allow_lora_paths: bool = True):
         self.model = model
         self.device = device
         self.dtype = dtype
+        self.levers = levers or accel.Levers(channels_last=False)  # what prepare() applied
         self.lora_dir = Path(lora_dir) if lora_dir else None
+        self.allow_lora_paths = allow_lora_paths  # False: LoRA names resolve only inside lora_dir
         self.text = TextEncoder(model.tokenizers, model.text_encoders, model.family)
         self.unet = UNetDenoiser(model.unet, model.alphas_cumprod, model.prediction_type)
         self._loras = None  # sfumato.lora.LoraStack, created on first use
@@ -73,12 +77,16 @@ class Pipeline:
     @classmethod
     def load(cls, model: str | Path | None = None, *, vae: str | Path | None = None,
              device: str | None = None, dtype: torch.dtype | None = None,
-             allow_pickle: bool = False, lora_dir: str | Path | None = None) -> Pipeline:
+             allow_pickle: bool = False, lora_dir: str | Path | None = None,
+             levers: accel.Levers | None = None, allow_lora_paths: bool = True) -> Pipeline:
+        """levers: speed-ups to apply (default: the exact ones; see sfumato.accel)."""
         torch_device = pick_device(device)
         dtype = dtype or default_dtype(torch_device)
+        levers = levers or accel.Levers()
         loaded = load_model(model or BUILTIN_MODEL, vae=vae, device=torch_device, dtype=dtype,
                             allow_pickle=allow_pickle)
-        return cls(loaded, torch_device, dtype, lora_dir)
+        return cls(accel.prepare(loaded, levers, torch_device), torch_device, dtype, lora_dir, levers,
+                   allow_lora_paths)
 
     def generate(self, params: GenerationParams | None = None, *, callback: StepCallback | None = None,
                  init_image: Image.Image | None = None, **kwargs) -> list[GeneratedImage]:
@@ -120,7 +128,7 @@ class Pipeline:
             if callback is not None:
                 callback(i + 1, total, denoised)
 
-        with torch.inference_mode():
+        with torch.inference_mode(), accel.compute_context(self.levers, self.device):
             return sample(params.sampler, denoiser, x, sigmas.to(self.device),
                           noise_sampler=noise, callback=on_step)
 
@@ -159,7 +167,8 @@ class Pipeline:
         from sfumato.lora import LoraStack  # only users of LoRAs pay for the import
 
         if self._loras is None:
-            self._loras = LoraStack(self.model, lora_dir=self.lora_dir)
+            self._loras = LoraStack(self.model, lora_dir=self.lora_dir,
+                                    allow_paths=self.allow_lora_paths)
         return self._loras.activate(specs)
 
     def _finish(self, image: Image.Image, params: GenerationParams, index: int, width: int,

@@ -44,7 +44,8 @@ EngineFactory = Callable[[Path | None, Path | None, Path | None], Engine]
 def load_pipeline(model: Path | None, vae: Path | None, lora_dir: Path | None) -> Engine:
     from sfumato.pipeline import Pipeline
 
-    return Pipeline.load(model, vae=vae, lora_dir=lora_dir)
+    # Prompts come from the network: a <lora:name> never names a file outside lora_dir.
+    return Pipeline.load(model, vae=vae, lora_dir=lora_dir, allow_lora_paths=False)
 
 
 # --- what may be loaded: names resolve only to entries listed inside the configured folders ---

@@ -1,0 +1,362 @@
+"""`sfumato bench speed`: sfumato's Pipeline against stock diffusers, same model and settings.
+
+Each run loads and generates in a fresh subprocess per side, so peak RSS and load time are that
+side's alone; sides alternate (s, d, s, d, ...) so that load from other users of a shared machine
+hits both alike: compare the ratios, not the absolute times. Run 1 of each side loads with the
+weights evicted from the page cache ("cold"); later runs find them cached ("warm").
+
+The diffusers side is the fp32 eager reference: StableDiffusionPipeline loaded the stock way
+(from_pretrained / from_single_file), EulerDiscreteScheduler with Karras sigmas and "linspace"
+spacing (what sfumato's "Euler" + "karras" computes), the same seeded noise, steps, size, CFG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import click
+
+CACHE = Path.home() / ".cache" / "sfumato" / "bench"
+PROMPT = "a red star above a blue circle under a night sky"
+NEGATIVE = "blurry"
+
+
+@dataclass(frozen=True)
+class Setup:
+    model: str               # a checkpoint file or diffusers folder
+    size: int = 512
+    steps: int = 20
+    cfg: float = 7.0
+    sampler: str = "Euler"
+    device: str = "cpu"
+    seed: int = 1
+    levers: tuple[str, ...] = ()   # sfumato's opt-in levers ("int8", "compile", ...)
+
+
+# ---------------------------------------------------------------- the models it measures
+
+
+def sd15_random(cache: Path = CACHE) -> Path:
+    """The SD1.5 architecture at random weights, as one original-layout checkpoint, built once.
+    Speed doesn't depend on weight values."""
+    out = cache / "sd15-random.safetensors"
+    if not out.exists():
+        from sfumato.checkpoints import CONFIGS, export_single_file
+
+        _write_random_folder(cache, out, CONFIGS / "sd15", export_single_file)
+    return out
+
+
+def builtin_standin(cache: Path = CACHE) -> Path:
+    """The shipped built-in model, or while it is still being trained a folder with its
+    architecture (from the training recipes) at random weights."""
+    from sfumato.checkpoints import BUILTIN_MODEL
+
+    if BUILTIN_MODEL.exists():
+        return BUILTIN_MODEL
+    out = cache / "builtin-random"
+    if not out.exists():
+        _write_random_folder(cache, out, None, None)
+    return out
+
+
+def _write_random_folder(cache: Path, out: Path, configs: Path | None, export) -> None:
+    """Random components saved as a diffusers folder (then exported to one file if `export`)."""
+    import torch
+
+    torch.manual_seed(0)
+    unet, vae, text, scheduler = _sd15_components(configs) if configs else _builtin_components()
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        folder = Path(tmp) / "model"
+        for name, part in (("unet", unet), ("vae", vae), ("text_encoder", text)):
+            part.save_pretrained(folder / name)
+        (folder / "scheduler").mkdir()
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+        index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                 "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+                 "tokenizer": ["transformers", "CLIPTokenizer"],
+                 "scheduler": ["diffusers", scheduler.get("_class_name", "DDPMScheduler")]}
+        (folder / "model_index.json").write_text(json.dumps(index))  # as save_pretrained writes it
+        if export:
+            export(folder, out)  # writes atomically itself
+        else:
+            os.replace(folder, out)  # atomic: a folder appears whole or not at all
+
+
+def _sd15_components(configs: Path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    read = lambda name: json.loads((configs / name).read_text())  # noqa: E731
+    return (UNet2DConditionModel.from_config(read("unet/config.json")),
+            AutoencoderKL.from_config(read("vae/config.json")),
+            CLIPTextModel(CLIPTextConfig.from_dict(read("text_encoder/config.json"))),
+            read("scheduler/scheduler_config.json"))
+
+
+def _builtin_components():
+    from sfumato.train.clip import build_clip, text_encoder_of
+    from sfumato.train.common import load_recipe
+    from sfumato.train.unet import build_scheduler, build_unet
+    from sfumato.train.vae import build_vae
+
+    vae_model = load_recipe("vae", gpu=False)["model"]
+    clip_model = load_recipe("clip", gpu=False)["model"]
+    factor = 2 ** (len(vae_model["block_out_channels"]) - 1)
+    unet = build_unet(load_recipe("unet", gpu=False)["model"], clip_model["text"]["width"],
+                      vae_model["sample_size"] // factor)
+    text = text_encoder_of(build_clip(clip_model, vae_model["sample_size"]))
+    return unet, build_vae(vae_model), text, dict(build_scheduler("epsilon").config)
+
+
+def resolve_model(name: str) -> Path:
+    if name == "sd15":
+        return sd15_random()
+    if name == "builtin":
+        return builtin_standin()
+    return Path(name)
+
+
+# ---------------------------------------------------------------- one side, in its own process
+
+
+def evict_from_page_cache(path: Path) -> None:
+    """Drop this model's files from the OS page cache (only these files: harmless to others)."""
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+class ModuleTimer:
+    """Wall time spent inside a module's forward, summed over calls."""
+
+    def __init__(self, module):
+        self.calls, self.seconds, self._start = 0, 0.0, 0.0
+        module.register_forward_pre_hook(lambda *_: self._begin())
+        module.register_forward_hook(lambda *_: self._end())
+
+    def _begin(self) -> None:
+        self._start = time.perf_counter()
+
+    def _end(self) -> None:
+        self.calls += 1
+        self.seconds += time.perf_counter() - self._start
+
+
+def run_side(side: str, setup: Setup, image_out: Path, cold: bool) -> dict:
+    """Load, generate one image, report timings (the body of the subprocess)."""
+    import numpy as np
+
+    path = Path(setup.model)
+    if cold:
+        evict_from_page_cache(path)
+    start = time.perf_counter()
+    load, generate = (_sfumato_side if side == "sfumato" else _diffusers_side)(setup)
+    imported = time.perf_counter()
+    pipe, unet, vae = load(path)
+    loaded = time.perf_counter()
+    unet_timer, vae_timer = ModuleTimer(unet), ModuleTimer(vae.decoder)
+    image = generate(pipe)  # (H, W, 3) uint8
+    done = time.perf_counter()
+    np.save(image_out, image)
+    return {"import_s": imported - start, "load_s": loaded - imported, "image_s": done - loaded,
+            "unet_step_s": unet_timer.seconds / max(unet_timer.calls, 1), "unet_calls": unet_timer.calls,
+            "vae_decode_s": vae_timer.seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _sfumato_side(setup: Setup):
+    # What sfumato imports lazily while loading, imported now: both sides' load times then
+    # count loading alone.
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel  # noqa: F401
+
+    from sfumato.accel import Levers
+    from sfumato.pipeline import Pipeline
+
+    def load(path: Path):
+        pipe = Pipeline.load(str(path), device=setup.device, levers=Levers.parse(setup.levers))
+        return pipe, pipe.model.unet, pipe.model.vae
+
+    def generate(pipe):
+        import numpy as np
+
+        [result] = pipe.generate(prompt=PROMPT, negative_prompt=NEGATIVE, seed=setup.seed,
+                                 steps=setup.steps, cfg_scale=setup.cfg, width=setup.size,
+                                 height=setup.size, sampler=setup.sampler, scheduler="karras")
+        return np.asarray(result.image)
+
+    return load, generate
+
+
+def _diffusers_side(setup: Setup):
+    import numpy as np
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from sfumato.checkpoints import CONFIGS
+    from sfumato.text import load_clip_tokenizer
+
+    stock = {"tokenizer": load_clip_tokenizer(), "safety_checker": None, "feature_extractor": None,
+             "requires_safety_checker": False, "local_files_only": True, "torch_dtype": torch.float32}
+
+    def load(path: Path):
+        if path.is_dir():
+            pipe = StableDiffusionPipeline.from_pretrained(path, **stock)
+        else:
+            pipe = StableDiffusionPipeline.from_single_file(path, config=str(CONFIGS / "sd15"), **stock)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(
+            pipe.scheduler.config, use_karras_sigmas=True, timestep_spacing="linspace")
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(setup.device)
+        return pipe, pipe.unet, pipe.vae
+
+    def generate(pipe):
+        factor = pipe.vae_scale_factor
+        noise = torch.randn((1, pipe.unet.config.in_channels, setup.size // factor, setup.size // factor),
+                            generator=torch.Generator("cpu").manual_seed(setup.seed))
+        image = pipe(PROMPT, negative_prompt=NEGATIVE, latents=noise.to(setup.device),
+                     num_inference_steps=setup.steps, guidance_scale=setup.cfg, height=setup.size,
+                     width=setup.size, output_type="np").images[0]
+        return (image * 255).round().astype(np.uint8)
+
+    return load, generate
+
+
+def spawn_side(side: str, setup: Setup, image_out: Path, cold: bool) -> dict:
+    """run_side in a fresh interpreter; its last stdout line is the JSON result."""
+    request = json.dumps({"side": side, "setup": asdict(setup), "image": str(image_out), "cold": cold})
+    done = subprocess.run([sys.executable, "-m", "sfumato.speed", request], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0:
+        raise click.ClickException(f"the {side} run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- the whole CLI
+
+
+def time_generate_cli(model: Path, runs: int, out: Path) -> list[float]:
+    """Wall time of `sfumato generate` (its default size and steps), imports included, as a
+    user would see it."""
+    command = [sys.executable, "-c", "from sfumato.cli import main; main()", "generate", PROMPT,
+               "--model", str(model), "--seed", "1", "--out", str(out)]
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        times.append(time.perf_counter() - start)
+    return times
+
+
+# ---------------------------------------------------------------- the report
+
+
+def fidelity(ours, reference) -> dict:
+    """PSNR (dB) and max |difference| of two uint8 images, on the [0, 1] scale."""
+    import numpy as np
+
+    diff = ours.astype(np.float64) / 255 - reference.astype(np.float64) / 255
+    mse = float((diff**2).mean())
+    return {"psnr_db": float("inf") if mse == 0 else 10 * np.log10(1 / mse),
+            "max_abs_diff": float(np.abs(diff).max())}
+
+
+FIELDS = [("image_s", "wall time per image (s)"), ("unet_step_s", "UNet step, cond+uncond (s)"),
+          ("vae_decode_s", "VAE decode (s)"), ("peak_rss_mb", "peak RSS (MB)"),
+          ("import_s", "library imports (s)"), ("load_cold_s", "model load, cold cache (s)"),
+          ("load_warm_s", "model load, warm cache (s)")]
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, float | None]]:
+    """Medians per side; cold load = run 1, warm load = the median of the later runs."""
+    table: dict[str, dict[str, float | None]] = {}
+    for side, results in runs.items():
+        row = {key: statistics.median(r[key] for r in results)
+               for key in ("image_s", "unet_step_s", "vae_decode_s", "peak_rss_mb", "import_s")}
+        row["load_cold_s"] = results[0]["load_s"]
+        row["load_warm_s"] = statistics.median(r["load_s"] for r in results[1:]) if len(results) > 1 else None
+        table[side] = row
+    return table
+
+
+def format_report(setup: Setup, table: dict, quality: dict, cli_times: list[float] | None) -> str:
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}" if value < 100 else f"{value:.0f}"
+
+    lines = [f"model {setup.model}  {setup.size}x{setup.size}  steps {setup.steps}  cfg {setup.cfg:g}  "
+             f"sampler {setup.sampler}+karras  device {setup.device}  levers "
+             f"{','.join(setup.levers) or 'default'}",
+             f"{'median of runs':<30}{'sfumato':>10}{'diffusers':>11}{'ratio':>8}"]
+    for key, label in FIELDS:
+        ours, theirs = table["sfumato"][key], table["diffusers"][key]
+        ratio = f"{ours / theirs:.2f}" if ours is not None and theirs else "-"
+        lines.append(f"{label:<30}{cell(ours):>10}{cell(theirs):>11}{ratio:>8}")
+    lines.append(f"fidelity vs fp32 eager diffusers: PSNR {quality['psnr_db']:.1f} dB, "
+                 f"max abs diff {quality['max_abs_diff']:.4f} (of 1)")
+    if cli_times is not None:
+        lines.append(f"`sfumato generate` wall, imports included: median {statistics.median(cli_times):.2f} s "
+                     f"of {len(cli_times)} ({', '.join(f'{t:.2f}' for t in cli_times)})")
+    return "\n".join(lines)
+
+
+@click.command("speed")
+@click.option("--model", default="sd15", show_default=True,
+              help="sd15 (SD1.5 at random weights, cached) | builtin | PATH")
+@click.option("--size", type=int, default=512, show_default=True)
+@click.option("--steps", type=int, default=20, show_default=True)
+@click.option("--cfg", type=float, default=7.0, show_default=True)
+@click.option("--runs", type=int, default=3, show_default=True)
+@click.option("--sampler", default="Euler", show_default=True)
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--lever", "levers", multiple=True,
+              help="Opt-in sfumato lever (int8, compile, bf16, no-channels_last), repeatable.")
+@click.option("--cli-runs", type=int, default=3, show_default=True,
+              help="Times to run the whole `sfumato generate` command (0 = skip).")
+@click.option("--cli-model", default="builtin", show_default=True, help="The model it generates with.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON as well.")
+def speed_command(model, size, steps, cfg, runs, sampler, device, levers, cli_runs, cli_model,
+                  as_json) -> None:
+    """sfumato vs stock diffusers: time per image and UNet step, VAE decode, RSS, load, fidelity."""
+    if sampler != "Euler":  # the one sampler both sides compute identically
+        raise click.UsageError("the diffusers reference runs Euler only: use --sampler Euler")
+    setup = Setup(str(resolve_model(model)), size, steps, cfg, sampler, device, levers=tuple(levers))
+    results: dict[str, list[dict]] = {"sfumato": [], "diffusers": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        images = {side: Path(tmp) / f"{side}.npy" for side in results}
+        for run in range(runs):
+            for side in results:  # alternate, so machine noise hits both sides alike
+                results[side].append(spawn_side(side, setup, images[side], cold=run == 0))
+                click.echo(f"run {run + 1}/{runs} {side}: {results[side][-1]['image_s']:.2f} s/image",
+                           err=True)
+        import numpy as np
+
+        quality = fidelity(np.load(images["sfumato"]), np.load(images["diffusers"]))
+        cli_times = None
+        if cli_runs:
+            cli_times = time_generate_cli(resolve_model(cli_model), cli_runs, Path(tmp) / "cli")
+    table = summarize(results)
+    click.echo(format_report(replace(setup, model=model), table, quality, cli_times))
+    if as_json:
+        click.echo(json.dumps({"setup": asdict(setup), "medians": table, "fidelity": quality,
+                               "generate_cli_s": cli_times}))
+
+
+if __name__ == "__main__":  # the subprocess of spawn_side
+    request = json.loads(sys.argv[1])
+    result = run_side(request["side"], Setup(**{**request["setup"], "levers": tuple(request["setup"]["levers"])}),
+                      Path(request["image"]), request["cold"])
+    print(json.dumps(result))

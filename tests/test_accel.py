@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+import torch
+
+from sfumato import accel
+from sfumato.accel import Levers
+from sfumato.checkpoints import load_model
+from sfumato.errors import ParamError
+from sfumato.params import GenerationParams
+from sfumato.pipeline import Pipeline, default_dtype
+
+PARAMS = GenerationParams("a red star above a blue circle", negative_prompt="green", seed=5, steps=3,
+                          cfg_scale=6.0, width=64, height=64, sampler="Euler")
+
+
+def pipeline(tiny_model_dir, levers: Levers) -> Pipeline:
+    return Pipeline.load(str(tiny_model_dir), device="cpu", levers=levers)
+
+
+def latents_of(pipe: Pipeline) -> torch.Tensor:
+    return pipe.sample_latents(PARAMS, PARAMS.prompt, PARAMS.negative_prompt, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model_dir):
+    pipe = pipeline(tiny_model_dir, Levers(channels_last=False))
+    return latents_of(pipe), np.asarray(pipe.generate(PARAMS)[0].image)
+
+
+def test_defaults_are_exact_levers_only():
+    assert Levers() == Levers(channels_last=True, compile=False, int8=False, bf16=False)
+    assert Levers.parse(["int8", "no-channels_last"]) == Levers(channels_last=False, int8=True)
+    with pytest.raises(ParamError, match="allowed: channels_last"):
+        Levers.parse(["turbo"])
+
+
+def test_channels_last_leaves_outputs_equal(tiny_model_dir, plain):
+    pipe = pipeline(tiny_model_dir, Levers(channels_last=True))
+    conv = pipe.model.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    latents, image = plain
+    # NHWC convs sum in another order: equal up to float32 rounding, relative to the values' scale
+    assert (latents_of(pipe) - latents).abs().max() <= 1e-5 * latents.abs().max()
+    assert np.abs(np.asarray(pipe.generate(PARAMS)[0].image, int) - image).max() <= 1
+
+
+def test_int8_is_lossy_but_close(tiny_model_dir, plain):
+    pipe = pipeline(tiny_model_dir, Levers(int8=True))
+    linears = [m for m in pipe.model.unet.modules() if type(m) is torch.nn.Linear]
+    assert not linears  # every Linear was swapped for its quantized version
+    ours, reference = latents_of(pipe), plain[0]
+    assert torch.isfinite(ours).all()
+    assert 0 < (ours - reference).abs().max() < 0.5 * reference.abs().max()
+
+
+def test_bf16_autocast_runs_in_bf16(tiny_model_dir, plain):
+    pipe = pipeline(tiny_model_dir, Levers(bf16=True))
+    seen = []
+    pipe.model.unet.conv_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    ours = latents_of(pipe)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert ours.dtype == torch.float32 and not torch.equal(ours, plain[0])
+
+
+def test_diffusers_uses_sdpa_attention(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    assert accel.attention_backends(model.unet) == {"AttnProcessor2_0"}
+
+
+def test_bf16_speed_needs_native_bf16():
+    assert accel.has_fast_bf16({"avx2", "avx512_bf16"})
+    assert accel.has_fast_bf16({"amx_bf16"})
+    assert not accel.has_fast_bf16({"avx2", "avx512f"})
+
+
+def test_device_and_dtype_logic_for_cuda_without_a_gpu():
+    """fp16 on CUDA, fp32 on the CPU; noise drawn on the CPU whatever the device."""
+    from sfumato.latents import SeededNoise
+
+    assert default_dtype(torch.device("cuda")) == torch.float16
+    assert default_dtype(torch.device("cpu")) == torch.float32
+    noise = SeededNoise([7, 8], (4, 8, 8), device="meta")  # stands in for a GPU: no values there
+    assert all(g.device.type == "cpu" for g in noise.generators)
+    assert noise().device.type == "meta"
+    on_cpu = SeededNoise([8], (4, 8, 8), device="cpu")()
+    assert torch.equal(on_cpu[0], torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(8)))
+    with pytest.raises(ParamError, match="CPU only"):
+        accel.prepare(None, Levers(channels_last=False, int8=True), device="cuda")
+
+
+def test_cfg_one_skips_the_uncond_pass(tiny_model_dir):
+    pipe = pipeline(tiny_model_dir, Levers())
+    batches = []
+    pipe.model.unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    pipe.sample_latents(GenerationParams("x", seed=1, steps=2, cfg_scale=1.0, sampler="Euler"), "x", "",
+                        64, 64)
+    assert batches == [1, 1]
+    batches.clear()
+    pipe.sample_latents(GenerationParams("x", seed=1, steps=2, cfg_scale=5.0, sampler="Euler"), "x", "",
+                        64, 64)
+    assert batches == [2, 2]
+
+
+def test_compile_wraps_only_the_unet_forward(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    eager = model.unet.forward
+    accel.prepare(model, Levers(channels_last=False, compile=True))
+    assert model.unet.forward is not eager and model.unet.forward.__wrapped__ == eager  # compiled lazily
+    assert "forward" not in vars(model.vae)
