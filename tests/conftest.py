@@ -1,9 +1,11 @@
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("SFUMATO_CACHE", tempfile.mkdtemp(prefix="sfumato-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -374,3 +374,22 @@ def test_not_a_model_folder(tmp_path):
 def test_bad_prediction_type(tiny):
     with pytest.raises(CheckpointError, match="prediction_type"):
         load_model(tiny, prediction_type="x0")
+
+
+def test_sha256_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from sfumato.checkpoints import hash_cache_path, sha256_file
+
+    monkeypatch.setenv("SFUMATO_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "m.safetensors"
+    f.write_bytes(b"abc")
+    assert sha256_file(f) == hashlib.sha256(b"abc").hexdigest()
+    assert hash_cache_path().exists()
+    stat = f.stat()
+    f.write_bytes(b"xyz")  # same size; restore the mtime: the cached value is returned
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert sha256_file(f) == hashlib.sha256(b"abc").hexdigest()
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # touched: hashed again
+    assert sha256_file(f) == hashlib.sha256(b"xyz").hexdigest()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from torch import Tensor
 from sfumato import convert
 from sfumato.convert import detect_family, detect_prediction_type, export_single_file  # noqa: F401
 from sfumato.errors import CheckpointError
+from sfumato.files import write_bytes_atomic
 
 BUILTIN_MODEL = Path(__file__).parent / "models" / "builtin"
 CONFIGS = Path(__file__).parent / "data" / "configs"
@@ -136,11 +138,35 @@ def _torch_load(path: Path) -> Any:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """The file's sha256, cached on disk by (path, size, mtime) as A1111 does: hashing a 4 GB
+    checkpoint takes seconds, more than loading it from a warm page cache."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key, stamp = str(path), [stat.st_size, stat.st_mtime_ns]
+    cache = _read_hash_cache()
+    if cache.get(key, {}).get("stamp") == stamp:
+        return cache[key]["sha256"]
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
-    return digest.hexdigest()
+    cache[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
+    with contextlib.suppress(OSError):  # a read-only home is no reason to fail a load
+        write_bytes_atomic(hash_cache_path(), json.dumps(cache).encode())
+    return cache[key]["sha256"]
+
+
+def hash_cache_path() -> Path:
+    base = os.environ.get("SFUMATO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sfumato"
+    return Path(base) / "hashes.json"
+
+
+def _read_hash_cache() -> dict:
+    try:
+        data = json.loads(hash_cache_path().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 # ---------------------------------------------------------------- recognizing a checkpoint
