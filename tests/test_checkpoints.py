@@ -79,7 +79,7 @@ def test_tiny_folder_loads(tiny, tiny_model):
     from diffusers import DDPMScheduler
 
     m = tiny_model
-    assert (m.family, m.prediction_type, m.name) == ("sd1", "epsilon", "tiny0")
+    assert (m.family, m.prediction_type, m.name) == ("sd1", "epsilon", tiny.name)
     assert m.default_size == 16 * 2  # sample_size times the 2x VAE
     assert len(m.text_encoders) == len(m.tokenizers) == 1
     assert m.tokenizers[0].pad_token == "<|endoftext|>"
