@@ -86,8 +86,10 @@ def preview(latents: torch.Tensor) -> torch.Tensor:
         dtype=latents.dtype,
         device=latents.device,
     )
-    channels = latents[:, :4]
-    rgb = torch.einsum("bchw,cr->brhw", channels, weights[: channels.shape[1]])
+    if latents.shape[1] != len(weights):  # another latent space: show its first channels, normalised
+        rgb = latents[:, :3]
+        return (rgb - rgb.amin()) / (rgb.amax() - rgb.amin() + 1e-6)
+    rgb = torch.einsum("bchw,cr->brhw", latents, weights)
     return ((rgb + 1) / 2).clamp(0, 1)
 
 

@@ -148,23 +148,13 @@ class Progress:
 
 
 # Linear map from SD 1.x/2.x latents to RGB (the "approx cheap" preview: no VAE pass).
-LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264),
-              (-0.184, -0.271, -0.473))
-
-
 def preview_png(latents) -> bytes:
-    """A small PNG of the first image of a latent batch."""
-    import torch
+    """A small PNG of the first image of a latent batch (a cheap linear map, no VAE decode)."""
+    from sfumato.latents import preview
 
-    x = latents[0].detach().float().cpu()
-    if x.shape[0] == len(LATENT_RGB):
-        rgb = torch.einsum("chw,cr->rhw", x, torch.tensor(LATENT_RGB))
-        rgb = (rgb + 1) / 2
-    else:  # unknown latent space: show the first channels, normalised
-        rgb = x[:3]
-        rgb = (rgb - rgb.min()) / (rgb.max() - rgb.min() + 1e-6)
-    array = (rgb.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-    image = Image.fromarray(array).resize((x.shape[2] * 8, x.shape[1] * 8), Image.Resampling.NEAREST)
+    rgb = preview(latents[:1].detach().float().cpu())[0]  # (3, h, w) in [0, 1]
+    array = (rgb * 255).byte().permute(1, 2, 0).numpy()
+    image = Image.fromarray(array).resize((rgb.shape[2] * 8, rgb.shape[1] * 8), Image.Resampling.NEAREST)
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
