@@ -53,3 +53,14 @@ def test_lora_option_parsing():
     assert parse_lora_option("style.safetensors:0.8") == ("style.safetensors", 0.8, 0.8)
     assert parse_lora_option("C:/x/s.safetensors:1:0.5") == ("C:/x/s.safetensors", 1.0, 0.5)
     assert parse_lora_option("name") == ("name", 1.0, 1.0)
+
+
+def test_info_describes_a_model_and_refuses_pickles(tiny_model_dir, tmp_path):
+    result = run("info", tiny_model_dir, "--json")
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.output[result.output.index("{"):])
+    assert facts["family"] == "sd1"
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"\x80\x04junk")
+    refused = run("info", pickle)
+    assert refused.exit_code == 2 and "--allow-pickle" in refused.output

@@ -136,12 +136,13 @@ def _save(result, folder: Path) -> Path:
 @click.command()
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .ckpt/.pt (read with weights_only=True).")
 @user_errors
-def info(path: str, as_json: bool) -> None:
+def info(path: str, as_json: bool, allow_pickle: bool) -> None:
     """Describe a checkpoint: family, components, dtype, hashes."""
     from sfumato.checkpoints import describe
 
-    facts = describe(path)
+    facts = describe(path, allow_pickle=allow_pickle)
     if as_json:
         click.echo(json.dumps(facts, indent=2, default=str))
         return
