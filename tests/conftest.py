@@ -2,9 +2,14 @@ import os
 import tempfile
 
 import pytest
+from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Property tests draw the same examples on every run (a red CI must be reproducible) and have no
+# per-example deadline (CI machines are slow and shared).
+settings.register_profile("sfumato", derandomize=True, deadline=None)
+settings.load_profile("sfumato")
 os.environ.setdefault("SFUMATO_CACHE", tempfile.mkdtemp(prefix="sfumato-test-cache-"))
 
 

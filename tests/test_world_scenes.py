@@ -81,12 +81,12 @@ def test_scenes_are_drawable_and_readable(seed, split):
     assert 1 <= len(scene.objects) <= 4
     for i, a in enumerate(scene.objects):
         assert a.color != scene.background
-        assert a.x - a.radius >= EDGE_MARGIN and a.x + a.radius <= 1 - EDGE_MARGIN + 1e-9
-        assert a.y - a.radius >= EDGE_MARGIN and a.y + a.radius <= 1 - EDGE_MARGIN + 1e-9
+        assert a.x - a.radius >= EDGE_MARGIN - 1e-9 and a.x + a.radius <= 1 - EDGE_MARGIN + 1e-9
+        assert a.y - a.radius >= EDGE_MARGIN - 1e-9 and a.y + a.radius <= 1 - EDGE_MARGIN + 1e-9
         if a.size == "small":
             assert a.pattern == "plain"  # too few pixels to show a pattern
         for b in scene.objects[i + 1:]:
-            assert math.dist((a.x, a.y), (b.x, b.y)) >= a.radius + b.radius
+            assert math.dist((a.x, a.y), (b.x, b.y)) >= a.radius + b.radius - 1e-9
 
 
 def test_relations_are_exclusive_and_mirror_each_other():
