@@ -80,7 +80,7 @@ class GenerationParams:
 def canonical_sampler(name: str) -> str:
     """Match a sampler name case-insensitively ('dpm++ 2m' -> 'DPM++ 2M')."""
     by_key = {s.lower().replace("_", " "): s for s in SAMPLER_NAMES}
-    key = str(name).strip().lower().replace("_", " ")
+    key = " ".join(str(name).replace("_", " ").split()).lower()
     if key.endswith(" karras") and key[: -len(" karras")] in by_key:  # A1111 < 1.9 style names
         key = key[: -len(" karras")]
     if key not in by_key:

@@ -19,13 +19,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from sfumato import params
 from sfumato.errors import ParamError
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # denoise(x, sigma) -> x0; sigma: (b,) tensor
 NoiseSampler = Callable[[], Tensor]  # fresh N(0, 1) noise shaped like x, seeded per image
 Callback = Callable[[int, Tensor, Tensor], None]  # callback(i, x, denoised) after step i
 
-SCHEDULE_NAMES: list[str] = ["normal", "karras"]
+SCHEDULE_NAMES: list[str] = list(params.SCHEDULE_NAMES)
+# Names are parsed where they are validated (params, which the CLI imports without torch).
+parse_schedule = params.canonical_scheduler
+parse_sampler = params.canonical_sampler
 
 
 # --- schedules -------------------------------------------------------------------------------
@@ -35,14 +39,6 @@ def model_sigmas(alphas_cumprod: Tensor) -> Tensor:
     """The model's discrete sigmas, ascending: sigma_t = sqrt((1 - abar_t) / abar_t)."""
     alphas_cumprod = alphas_cumprod.double()
     return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
-
-
-def parse_schedule(name: str) -> str:
-    """A1111 "Schedule type" -> our lower-case name ("Karras" -> "karras")."""
-    key = name.strip().lower()
-    if key not in SCHEDULE_NAMES:
-        raise ParamError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULE_NAMES)}")
-    return key
 
 
 def get_sigmas(schedule: str, steps: int, alphas_cumprod: Tensor) -> Tensor:
@@ -283,15 +279,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "LCM": sample_lcm,
 }
 SAMPLER_NAMES: list[str] = list(SAMPLERS)
-
-
-def parse_sampler(name: str) -> str:
-    """Any capitalisation of an A1111 sampler name -> the canonical name ("euler a" -> "Euler a")."""
-    by_key = {n.lower(): n for n in SAMPLER_NAMES}
-    key = " ".join(name.split()).lower()
-    if key not in by_key:
-        raise ParamError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLER_NAMES)}")
-    return by_key[key]
+assert tuple(SAMPLER_NAMES) == params.SAMPLER_NAMES, "sampling and params must list the same samplers"
 
 
 def sample(
