@@ -13,15 +13,14 @@ loads a component back with load_saved (clip/ + text_encoder/ make up the whole 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from sfumato.errors import SfumatoError
+from sfumato.files import atomic_folder
 from sfumato.train.common import param_count, stage_folder
 from sfumato.train.data import render_pool, to_model_images
 
@@ -180,9 +179,7 @@ def assemble_model(vae_dir: Path, clip_dir: Path, unet_dir: Path, out: Path, *, 
     errors = {name: fp16_error(*probe) for name, probe in _probe_inputs(unet, vae, text_encoder).items()}
     half = {name: err <= FP16_TOLERANCE for name, err in errors.items()}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_folder(out) as tmp:
         _save_weights(unet, tmp / "unet", half["unet"], DIFFUSERS_WEIGHTS)
         _save_weights(vae, tmp / "vae", half["vae"], DIFFUSERS_WEIGHTS)
         _save_weights(text_encoder, tmp / "text_encoder", half["text_encoder"], "model.safetensors", TEXT_PREFIX)
@@ -204,15 +201,6 @@ def assemble_model(vae_dir: Path, clip_dir: Path, unet_dir: Path, out: Path, *, 
         stages = {"vae": _read_metrics(vae_dir), "clip": _read_metrics(clip_dir), "unet": _read_metrics(unet_dir)}
         summary["megabytes"] = round(sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 1e6, 2)
         (tmp / "MODEL_CARD.md").write_text(model_card(summary, stages, hardware))
-        for path in [tmp, *tmp.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 

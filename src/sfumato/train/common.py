@@ -8,10 +8,7 @@ exactly. Only the main process writes files; every file is written atomically.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +22,7 @@ import torch
 from torch import Tensor
 
 from sfumato.errors import SfumatoError
+from sfumato.files import atomic_folder, atomic_path
 from sfumato.train.data import hash_seed, step_batches
 
 try:
@@ -156,44 +154,20 @@ def stage_folder(path: Path, name: str) -> Path:
                        "or `sfumato train assemble` wrote")
 
 
-
-@contextmanager
-def atomic_file(path: Path, suffix: str = "") -> Iterator[str]:
-    """A temp path in path's folder, renamed onto `path` when the block ends: a crash leaves the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def atomic_save(obj: Any, path: Path) -> None:
-    with atomic_file(path) as tmp:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_file(path) as tmp:
-        Path(tmp).write_text(text)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def save_pretrained_atomic(model: Any, path: Path, **kwargs: Any) -> None:
     """save_pretrained into a temp folder, then swap it in place of `path`."""
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    tmp.chmod(0o755)
-    model.save_pretrained(tmp, safe_serialization=True, **kwargs)
-    for file in tmp.rglob("*"):
-        file.chmod(0o755 if file.is_dir() else 0o644)
-    old = path.with_name(f".{path.name}.old")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, **kwargs)
 
 
 def save_grid(images: Tensor, path: Path, ncols: int = 8) -> None:
@@ -206,8 +180,8 @@ def save_grid(images: Tensor, path: Path, ncols: int = 8) -> None:
     grid = np.zeros((rows * h, ncols * w, 3), np.uint8)
     for i, img in enumerate(pixels):
         grid[(i // ncols) * h : (i // ncols + 1) * h, (i % ncols) * w : (i % ncols + 1) * w] = img
-    with atomic_file(path, suffix=".png") as tmp:
-        Image.fromarray(grid).save(tmp)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
 
 
 # ----------------------------------------------------------------------------- the loop
