@@ -213,3 +213,22 @@ def test_model_card_says_which_stages_continued_earlier_weights():
     card = model_card(summary, {"vae": {"init_from": "old/builtin"}, "clip": {}, "unet": {}}, "")
     assert "The vae stage continued the weights of old/builtin" in card
     assert "clip stage continued" not in card and "unet stage continued" not in card
+
+
+def test_decoder_only_vae_keeps_the_encoder_and_its_latent_scale(assembled: Path, tmp_path: Path):
+    recipe = (Path(__file__).parents[1] / "src/sfumato/configs/train/tiny_vae.toml").read_text()
+    config = tmp_path / "decoder.toml"
+    config.write_text("train_encoder = false\n" + recipe)
+    out = tmp_path / "decoder"
+    args = ["vae", "--config", str(config), "--out", str(out), "--device", "cpu"]
+    with pytest.raises(SfumatoError, match="needs --init-from"):
+        CliRunner().invoke(train, [*args, "--steps", "1"], catch_exceptions=False)
+    for extra in (["--steps", "2", "--init-from", str(assembled)], ["--steps", "3", "--resume"]):
+        result = CliRunner().invoke(train, [*args, *extra], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        before, after = saved_tensors(assembled, "vae", assembled=True), saved_tensors(out, "vae", assembled=False)
+        kept = [k for k in before if k.startswith(("vae.encoder.", "vae.quant_conv."))]
+        assert kept and all(torch.equal(before[k], after[k]) for k in kept)
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("vae.decoder."))
+        scale = json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]
+        assert scale == json.loads((assembled / "vae" / "config.json").read_text())["scaling_factor"]

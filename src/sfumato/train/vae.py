@@ -2,19 +2,26 @@
 
 After training the latent scale is measured on data (1 / std of the latents) and written to the
 config's `scaling_factor`, as SD does, so that the UNet sees latents of unit variance.
+
+`train_encoder = false` fine-tunes the decoder alone (what SD's ft-MSE VAE did): the latent space,
+and so every UNet trained on it, stays valid while reconstructions get sharper.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sfumato.train.assemble import load_saved
+from sfumato.errors import SfumatoError
+from sfumato.train.assemble import load_saved, saved_weights
 from sfumato.train.common import (
     EVAL_KEY,
     Run,
+    atomic_write_text,
     ema_weights,
     loss_summary,
     make_trainable,
@@ -81,6 +88,19 @@ def latent_scaling_factor(vae, images: Tensor, generator: torch.Generator, batch
     return float(1.0 / latents.float().std())
 
 
+def kept_latent_scale(run: Run) -> float:
+    """The latent scale of the encoder a decoder-only run keeps (load_saved loads weights, not config).
+
+    Read from the --init-from model, and noted in OUT so that a --resume finds it again."""
+    note = run.out / "kept_encoder.json"
+    if run.init_from:
+        scale = saved_weights(run.init_from, "vae")[0]["scaling_factor"]
+        atomic_write_text(note, json.dumps({"scaling_factor": scale, "init_from": str(run.init_from)}))
+    elif not note.exists():
+        raise SfumatoError("train_encoder = false needs --init-from (the model whose encoder to keep)")
+    return json.loads(note.read_text())["scaling_factor"]
+
+
 def train_vae(run: Run) -> dict:
     r, data = run.recipe, run.recipe["data"]
     pool, _ = render_pool(run.seed, data["train_scenes"], "train", data["size"], data.get("workers", 0))
@@ -88,6 +108,11 @@ def train_vae(run: Run) -> dict:
     vae = build_vae(r["model"])
     if run.init_from:
         load_saved(vae, run.init_from, "vae")
+    train_encoder = r.get("train_encoder", True)
+    if not train_encoder:
+        vae.register_to_config(scaling_factor=kept_latent_scale(run))
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
     t = make_trainable(run, VAEWithPosterior(vae))  # after loading: the EMA starts from those weights
     loss_cfg = r["loss"]
 
@@ -116,9 +141,12 @@ def train_vae(run: Run) -> dict:
         vae = module.vae.eval()
         held_out = to_model_images(eval_pool, run.device)
         figure = psnr(held_out, reconstruct(vae, held_out))
-        sample = np.random.default_rng(run.seed).choice(len(pool), min(len(pool), 2048), replace=False)
-        scale = latent_scaling_factor(vae, to_model_images(pool[np.sort(sample)], run.device), run.generator(EVAL_KEY))
-        vae.register_to_config(scaling_factor=scale)
+        scale = vae.config.scaling_factor  # a kept encoder keeps its latent scale
+        if train_encoder:
+            sample = np.random.default_rng(run.seed).choice(len(pool), min(len(pool), 2048), replace=False)
+            scale = latent_scaling_factor(vae, to_model_images(pool[np.sort(sample)], run.device),
+                                          run.generator(EVAL_KEY))
+            vae.register_to_config(scaling_factor=scale)
         metrics = {"stage": "vae", "params": param_count(vae), **loss_summary(run, t),
                    "heldout_psnr_db": round(figure, 2), "scaling_factor": scale}
         if run.is_main:
