@@ -154,3 +154,25 @@ def test_command_reports_errors_without_traceback(tmp_path):
     assert result.exit_code == 2 and "no images" in result.output
     result = CliRunner().invoke(lora_command, ["--images", str(tmp_path), "--out", str(tmp_path / "x.pt")])
     assert result.exit_code == 2 and ".safetensors" in result.output
+
+
+def test_teach_benchmark_trains_two_concepts_and_scores_them(tiny_model_dir, tmp_path):
+    from sfumato.train.lora_bench import lora_bench_command
+
+    out = tmp_path / "teach"
+    result = CliRunner().invoke(lora_bench_command, [
+        "teach", "--model", str(tiny_model_dir), "--images", "3", "--steps", "2", "--rank", "2",
+        "--batch-size", "2", "--limit", "1", "--images-per-prompt", "1", "--sample-steps", "2",
+        "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "result.json").read_text())
+    assert (report["shape"], report["pattern"]) == ("hexagon", "checkered")
+    for key in ("hexagon_before_after", "checkered_before_after", "mixed_before_after"):
+        assert all(0 <= score <= 1 for score in report[key])
+    assert set(report["base_before"]) == set(report["base_after"]) >= {"single_object", "negative", "overall"}
+    assert set(report["goals"]) == {"concepts_after_ge_0.8", "base_within_0.05", "mixed_ge_0.7", "train_minutes_le_10"}
+    for concept in ("hexagon", "checkered"):
+        captions = [p.read_text() for p in (out / concept).glob("*.txt")]
+        assert len(captions) == 3 and all(concept in c for c in captions)
+        tensors, metadata = read(out / f"{concept}.safetensors")
+        assert metadata["ss_network_dim"] == "2" and any(k.endswith(".lora_down.weight") for k in tensors)

@@ -1,8 +1,10 @@
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from sfumato.errors import SfumatoError
 from sfumato.world.cli import render_bench_command, world
 from sfumato.world.dataset import ShapesDataset, export_folder
 from sfumato.world.scenes import Scene, held_out, scene_in_split
@@ -49,6 +51,21 @@ def test_export_folder_writes_png_and_caption_pairs(tmp_path):
         [f"0000{i}.png" for i in range(4)] + [f"0000{i}.txt" for i in range(4)])
     assert np.asarray(Image.open(paths[0])).shape == (48, 48, 3)
     assert paths[0].with_suffix(".txt").read_text().strip()
+
+
+@pytest.mark.parametrize("concept", ["hexagon", "checkered"])
+def test_concept_export_shows_that_concept_alone(tmp_path, concept):
+    export_folder(tmp_path, 6, seed=3, size=32, concept=concept)
+    captions = [p.read_text() for p in sorted(tmp_path.glob("*.txt"))]
+    assert len(captions) == 6 and all(concept in c for c in captions)
+    others = (held_out().concept_shapes | held_out().concept_patterns) - {concept}
+    assert not any(other in c for c in captions for other in others)
+
+
+def test_unknown_concept_is_a_user_error(tmp_path):
+    with pytest.raises(SfumatoError, match="the held-out concepts are: checkered, crescent, hexagon"):
+        export_folder(tmp_path, 1, concept="circle")
+    assert not list(tmp_path.iterdir())
 
 
 def test_cli(tmp_path):

@@ -2,9 +2,9 @@
 
 switch: ms per activate() for ~10 MB kohya LoRAs on SD1.5-sized UNet + text-encoder layers
         (weights uninitialised: only the shapes matter for the timing).
-teach:  export the shapes world's held-out "concept" split (shapes/patterns the built-in model
-        never saw), train a LoRA on it within a time budget, and score the adherence suite's
-        "concept" prompts before and after.
+teach:  teach the built-in model a held-out shape and a held-out pattern (never in its training
+        data), one LoRA each from 30 exported images within a time budget, and score before/after:
+        each concept's prompts, the base suite (no damage) and both LoRAs mixed in one image.
 """
 
 from __future__ import annotations
@@ -103,56 +103,135 @@ def switch_command(megabytes: float, rounds: int) -> None:
     click.echo(json.dumps(switch_report(megabytes, rounds)))
 
 
-def concept_score(pipe, images_per_prompt: int, steps: int, limit: int | None, seed: int) -> float:
-    from sfumato.world.adherence import run_adherence, select_prompts
+def concept_prompts(concept: str) -> list:
+    """The suite's "concept" prompts that ask for this held-out shape or pattern."""
+    from sfumato.world.adherence import select_prompts
     from sfumato.world.suite import read_suite
 
-    prompts = select_prompts(read_suite(), ["concept"], limit)
-    report = run_adherence(pipe, prompts, images_per_prompt=images_per_prompt, steps=steps, seed=seed)
-    return report.scores()["concept"]
+    return [p for p in select_prompts(read_suite(), ["concept"])
+            if any(concept in (q.shape, q.pattern) for q in p.expectation.objects)]
+
+
+def mixed_prompts(shape: str, pattern: str, count: int = 8, seed: int = 0) -> list:
+    """Prompts for one object that needs both LoRAs: the taught shape wearing the taught pattern."""
+    import random
+
+    from sfumato.world.captions import Expectation, ObjectQuery
+    from sfumato.world.scenes import COLORS
+    from sfumato.world.suite import SuitePrompt, prompt_words
+
+    rng = random.Random(f"sfumato-lora-teach/{shape}/{pattern}/{seed}")
+    prompts = []
+    for number in range(1, count + 1):
+        expectation = Expectation(objects=(ObjectQuery(shape, rng.choice([None, *COLORS]), pattern),))
+        prompts.append(SuitePrompt(f"mixed-{number:03d}", "mixed", prompt_words(expectation, rng), "", expectation))
+    return prompts
+
+
+def scores(pipe, prompts: list, settings: dict) -> dict[str, float]:
+    """Adherence per category of these prompts (and "overall" when there are several)."""
+    from sfumato.world.adherence import overall_score, run_adherence
+
+    report = run_adherence(pipe, prompts, **settings)
+    result = {k: round(v, 3) for k, v in report.scores().items()}
+    if len(result) > 1:
+        result["overall"] = round(overall_score(report.scores()), 3)
+    return result
+
+
+def teach_one(model, concept: str, folder: Path, count: int, options: dict) -> tuple[Path, float]:
+    """Export COUNT images of the concept and train a LoRA on them: (file, training minutes)."""
+    from sfumato.train.lora import TrainConfig, train_lora
+    from sfumato.world.dataset import export_folder
+
+    images = folder / concept
+    export_folder(images, count, options["seed"], size=model.default_size, concept=concept)
+    lora = folder / f"{concept}.safetensors"
+    started = time.perf_counter()
+    train_lora(model, TrainConfig(images=images, out=lora, cache_latents=True, **options))
+    return lora, (time.perf_counter() - started) / 60
 
 
 @lora_bench_command.command("teach")
 @click.option("--model", "model_path", default=None, help="checkpoint or folder [built-in model]")
+@click.option("--shape", default=None, help="held-out shape to teach [the first that can wear a pattern]")
+@click.option("--pattern", default=None, help="held-out pattern to teach [the first in heldout.json]")
 @click.option("--images", "count", default=30, show_default=True, type=click.IntRange(min=1))
-@click.option("--minutes", default=10.0, show_default=True, help="training time budget")
-@click.option("--steps", default=600, show_default=True, help="at most this many steps")
+@click.option("--minutes", default=10.0, show_default=True, help="training time budget of each LoRA")
+@click.option("--steps", default=600, show_default=True, help="at most this many steps per LoRA")
 @click.option("--rank", default=8, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--batch-size", default=4, show_default=True)
+@click.option("--train-text-encoder", is_flag=True, help="adapt the text encoder too")
 @click.option("--images-per-prompt", default=4, show_default=True)
-@click.option("--limit", default=None, type=int, help="at most N concept prompts")
+@click.option("--limit", default=8, show_default=True, type=click.IntRange(min=1),
+              help="at most N prompts per category (base suite, each concept, mixed)")
 @click.option("--sample-steps", default=20, show_default=True, help="sampler steps when scoring")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", default="outputs/lora-teach", show_default=True, type=click.Path(path_type=Path))
 @click.option("--device", default=None)
 @user_errors
-def teach_command(model_path, count, minutes, steps, rank, lr, batch_size, images_per_prompt, limit,
-                  sample_steps, seed, out: Path, device) -> None:
-    """Teach the held-out concept from COUNT exported images; adherence before/after."""
+def teach_command(model_path, shape, pattern, count, minutes, steps, rank, lr, batch_size, train_text_encoder,
+                  images_per_prompt, limit, sample_steps, seed, out: Path, device) -> None:
+    """Teach a held-out shape and a held-out pattern (a LoRA each, from COUNT exported images).
+
+    Scores, before and after: each concept's prompts (its LoRA alone), the base suite's categories
+    (both LoRAs applied: they must not break what the model knew) and prompts that need both LoRAs
+    at once (the taught shape wearing the taught pattern)."""
     from sfumato.checkpoints import BUILTIN_MODEL, load_model
+    from sfumato.errors import SfumatoError
+    from sfumato.files import write_bytes_atomic
     from sfumato.lora import LoraStack
     from sfumato.pipeline import Pipeline, pick_device
-    from sfumato.train.lora import TrainConfig, train_lora
-    from sfumato.world.dataset import export_folder
+    from sfumato.world.adherence import select_prompts
+    from sfumato.world.scenes import can_have_pattern, held_out
+    from sfumato.world.suite import EXCLUDED_FROM_OVERALL, read_suite
 
+    rules = held_out()
+    # the default shape must be able to wear the pattern (a thin crescent cannot), for the mixed prompts
+    wearers = [s for s in sorted(rules.concept_shapes) if can_have_pattern(s, "large")]
+    shape, pattern = shape or wearers[0], pattern or sorted(rules.concept_patterns)[0]
+    if shape not in wearers or pattern not in rules.concept_patterns:
+        raise SfumatoError(f"--shape {shape} --pattern {pattern}: allowed shapes {', '.join(wearers)} "
+                           f"(held out, able to wear a pattern), patterns {', '.join(sorted(rules.concept_patterns))}")
     torch_device = pick_device(device)
     model = load_model(model_path or BUILTIN_MODEL, device=torch_device)
     pipe = Pipeline(model, torch_device, torch.float32)
-    images = out / "images"
-    export_folder(images, count, seed, "concept", model.default_size)
-    before = concept_score(pipe, images_per_prompt, sample_steps, limit, seed)
+    settings = {"images_per_prompt": images_per_prompt, "steps": sample_steps, "seed": seed}
+    base = [p for p in select_prompts(read_suite(), limit=limit) if p.category not in EXCLUDED_FROM_OVERALL]
+    suites = {shape: concept_prompts(shape)[:limit], pattern: concept_prompts(pattern)[:limit],
+              "mixed": mixed_prompts(shape, pattern, limit, seed), "base": base}
+    before = {name: scores(pipe, prompts, settings) for name, prompts in suites.items()}
 
-    lora = out / "concept.safetensors"
-    started = time.perf_counter()
-    train_lora(model, TrainConfig(images=images, out=lora, steps=steps, rank=rank, lr=lr,
-                                  batch_size=batch_size, cache_latents=True, seed=seed,
-                                  targets=("attn", "ff"), max_minutes=minutes))
-    train_minutes = (time.perf_counter() - started) / 60
-    LoraStack(model).activate([(str(lora), 1.0, 1.0)])
-    after = concept_score(pipe, images_per_prompt, sample_steps, limit, seed)
-    result = {"concept_before": round(before, 3), "concept_after": round(after, 3),
-              "train_minutes": round(train_minutes, 2), "images": count, "rank": rank, "lr": lr,
-              "device": str(torch_device), "threads": torch.get_num_threads(), "lora": str(lora)}
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    click.echo(json.dumps(result))
+    options = {"steps": steps, "rank": rank, "lr": lr, "batch_size": batch_size, "seed": seed,
+               "targets": ("attn", "ff"), "train_text_encoder": train_text_encoder, "max_minutes": minutes,
+               "fp16": True}
+    (shape_lora, shape_minutes), (pattern_lora, pattern_minutes) = (
+        teach_one(model, concept, out, count, options) for concept in (shape, pattern))
+    stack, after = LoraStack(model), {}
+    for name, loras in ((shape, [shape_lora]), (pattern, [pattern_lora]), ("mixed", [shape_lora, pattern_lora]),
+                        ("base", [shape_lora, pattern_lora])):
+        stack.activate([(str(path), 1.0, 1.0) for path in loras])
+        after[name] = scores(pipe, suites[name], settings)
+    stack.remove_all()
+
+    def concept_of(name: str) -> tuple[float, float]:
+        return before[name]["concept"], after[name]["concept"]
+
+    base_drop = {k: round(before["base"][k] - v, 3) for k, v in after["base"].items()}
+    result = {
+        "shape": shape, "pattern": pattern, "images": count,
+        "train_minutes": {shape: round(shape_minutes, 2), pattern: round(pattern_minutes, 2)},
+        f"{shape}_before_after": concept_of(shape), f"{pattern}_before_after": concept_of(pattern),
+        "mixed_before_after": (before["mixed"]["mixed"], after["mixed"]["mixed"]),
+        "base_before": before["base"], "base_after": after["base"], "base_drop": base_drop,
+        "goals": {"concepts_after_ge_0.8": min(concept_of(shape)[1], concept_of(pattern)[1]) >= 0.8,
+                  "base_within_0.05": max(base_drop.values()) <= 0.05,
+                  "mixed_ge_0.7": after["mixed"]["mixed"] >= 0.7,
+                  "train_minutes_le_10": max(shape_minutes, pattern_minutes) <= 10},
+        "settings": {**options, "targets": list(options["targets"]), **settings, "base_limit": limit,
+                     "device": str(torch_device), "threads": torch.get_num_threads()},
+        "loras": [str(shape_lora), str(pattern_lora)],
+    }
+    write_bytes_atomic(out / "result.json", (json.dumps(result, indent=2) + "\n").encode())
+    click.echo(json.dumps(result, indent=2))

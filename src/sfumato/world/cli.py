@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from sfumato.commands import user_errors
 from sfumato.world.scenes import SPLITS, sample_scenes
 
 
@@ -24,11 +25,14 @@ def world() -> None:
 @click.option("--split", type=click.Choice(SPLITS), default="train", show_default=True)
 @click.option("--size", type=click.IntRange(16, 2048), default=128, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
-def export(count: int, seed: int, split: str, size: int, out_dir: str) -> None:
+@click.option("--concept", default=None,
+              help="only scenes showing this held-out concept (e.g. hexagon, checkered) and no other")
+@user_errors
+def export(count: int, seed: int, split: str, size: int, out_dir: str, concept: str | None) -> None:
     """Write N images + same-named .txt captions into a folder (for LoRA trainers)."""
     from sfumato.world.dataset import export_folder
 
-    paths = export_folder(out_dir, count, seed, split, size)
+    paths = export_folder(out_dir, count, seed, split, size, concept)
     click.echo(f"wrote {len(paths)} images and captions to {out_dir}")
 
 

@@ -19,7 +19,7 @@ from sfumato.errors import SfumatoError
 from sfumato.files import write_bytes_atomic
 from sfumato.world.captions import caption
 from sfumato.world.render import render
-from sfumato.world.scenes import SPLITS, Scene, sample_scene, scene_rng
+from sfumato.world.scenes import SPLITS, Scene, held_out, sample_scene, scene_rng
 
 
 def make_item(seed: int, index: int, split: str, size: int) -> tuple[np.ndarray, str, Scene]:
@@ -84,16 +84,36 @@ class ShapesDataset(torch.utils.data.IterableDataset):
         return image, text, scene
 
 
+def concepts_in(scene: Scene) -> set[str]:
+    """The held-out concepts (shapes and patterns base training never sees) that a scene shows."""
+    rules = held_out()
+    return ({o.shape for o in scene.objects if o.shape in rules.concept_shapes}
+            | {o.pattern for o in scene.objects if o.pattern in rules.concept_patterns})
+
+
 def export_folder(out_dir: str | Path, n: int, seed: int = 0, split: str = "train",
-                  size: int = 128) -> list[Path]:
-    """Write n images as 00000.png ... with same-named .txt captions (LoRA-trainer layout)."""
+                  size: int = 128, concept: str | None = None) -> list[Path]:
+    """Write n images as 00000.png ... with same-named .txt captions (LoRA-trainer layout).
+
+    concept: only scenes of the "concept" split that show this one held-out concept and no other,
+    captioned with its name (the images to teach it with a LoRA)."""
     if split not in SPLITS:
         raise SfumatoError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+    if concept is not None:
+        rules = held_out()
+        allowed = sorted(rules.concept_shapes | rules.concept_patterns)
+        if concept not in allowed:
+            raise SfumatoError(f"unknown concept {concept!r}; the held-out concepts are: {', '.join(allowed)}")
+        split = "concept"
     out = Path(out_dir)
-    paths = []
-    for index in range(n):
-        image, text, _ = make_item(seed, index, split, size)
-        path = out / f"{index:05d}.png"
+    paths: list[Path] = []
+    index = 0
+    while len(paths) < n:
+        image, text, scene = make_item(seed, index, split, size)
+        index += 1
+        if concept is not None and (concepts_in(scene) != {concept} or concept not in text):
+            continue
+        path = out / f"{len(paths):05d}.png"
         write_bytes_atomic(path.with_suffix(".txt"), text.encode())
         write_bytes_atomic(path, png_bytes(image))
         paths.append(path)
