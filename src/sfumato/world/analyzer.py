@@ -5,11 +5,13 @@
 
 Steps: read the background off the left and right edges (every background is constant along a
 row), call pixels far from it foreground, split the foreground into connected objects, then name
-each object's shape (best overlap with templates drawn by the renderer itself), colour (nearest
-palette colour, allowing for the pattern's second shade), pattern (how the shade pixels are laid
-out) and size. The claims are judged by `captions.check`, the very function that proves captions
-true of their scenes, with the lenient relation test. Classical rather than a trained network:
-no weights to ship, nothing to retrain when the world changes, and every decision is readable.
+each object's colour (the palette colour whose blends with its shade and the background explain
+the pixels), pattern (how the shade pixels are laid out), and from its coverage of the pixels
+its shape, size and position (analyzer_shapes: the renderer's own drawings fitted to it). The
+claims are judged by `captions.check`, the very function that proves captions true of their
+scenes, with the lenient relation test: captions state relations only when they are clear, the
+analyzer accepts them a little beyond that. Classical rather than a trained network: no weights
+to ship, nothing to retrain when the world changes, and every decision is readable.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from __future__ import annotations
 import io
 import random
 from dataclasses import dataclass, replace
-from functools import lru_cache
 
 import click
 import numpy as np
 from PIL import Image, ImageFilter
 
+from sfumato.world.analyzer_shapes import fit_shape
 from sfumato.world.captions import (
     Claim,
     Expectation,
@@ -31,11 +33,12 @@ from sfumato.world.captions import (
     check,
     full_expectation,
 )
-from sfumato.world.render import background_rows, draw_shape, render
+from sfumato.world.render import background_rows, render
 from sfumato.world.scenes import (
     BACKGROUND_KINDS,
     COLORS,
     PATTERNS,
+    RELATIONS,
     SHAPES,
     SIZES,
     Scene,
@@ -49,10 +52,13 @@ WORK_SIZE = 128  # images are analysed at this size; pixel thresholds below are 
 EDGE_COLUMNS = 4  # columns at each side that show only background
 FOREGROUND_DISTANCE = 40.0  # RGB distance from the background that makes a pixel foreground
 MIN_AREA = 30  # smaller blobs are noise or night-sky stars
-TEMPLATE = 32  # side of the normalised object masks compared with shape templates
+PATTERN_MIN_SHARE = 0.06  # of an object's inside that shows its shade, if it has a pattern
+BLUR_ROOM = 3  # px around an object's 0.5 outline where blur still spreads its ink
 MIN_MAIN_SHARE = 0.3  # an object's colour covers at least this much of it (patterns: the rest)
 MAX_COLOR_PIXELS = 300
-ASPECT_WEIGHT = 1.0  # shape score: overlap with a template minus this times the aspect gap
+SHADE_MIN_CONTRAST = 55.0  # scenes.MIN_PATTERN_CONTRAST less room for a colour shift
+FIT_TOLERANCE = 12.0  # RGB distance within which two blends explain a pixel equally well
+INSIDE_BLEND_COST = 30.0  # RGB distance an even blend of colour and shade costs
 PALETTE = np.array(list(COLORS.values()), np.float32)
 SHADES = np.array([pattern_shade(c) for c in COLORS], np.float32)
 
@@ -122,13 +128,15 @@ def connected_components(mask: np.ndarray) -> np.ndarray:
         labels = new
 
 
-def _dilate(mask: np.ndarray) -> np.ndarray:
-    grown = mask.copy()
-    grown[1:] |= mask[:-1]
-    grown[:-1] |= mask[1:]
-    grown[:, 1:] |= mask[:, :-1]
-    grown[:, :-1] |= mask[:, 1:]
-    return grown
+def _dilate(mask: np.ndarray, steps: int = 1) -> np.ndarray:
+    for _ in range(steps):
+        grown = mask.copy()
+        grown[1:] |= mask[:-1]
+        grown[:-1] |= mask[1:]
+        grown[:, 1:] |= mask[:, :-1]
+        grown[:, :-1] |= mask[:, 1:]
+        mask = grown
+    return mask
 
 
 def opened(mask: np.ndarray) -> np.ndarray:
@@ -147,62 +155,27 @@ def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
     return mask
 
 
-def normalized_mask(mask: np.ndarray, soft: np.ndarray | None = None) -> np.ndarray:
-    """The object's coverage (soft, else the mask) in a square window around the mask's
-    bounding box, resized to TEMPLATE px: sub-pixel edges keep small shapes apart."""
-    ys, xs = np.nonzero(mask)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    side = max(y1 - y0, x1 - x0)
-    window = np.zeros((side, side), np.float32)
-    top, left = (side - (y1 - y0)) // 2, (side - (x1 - x0)) // 2
-    inside = mask if soft is None else np.clip(soft, 0, 1) * _dilate(mask)
-    window[top:top + y1 - y0, left:left + x1 - x0] = inside[y0:y1, x0:x1]
-    resized = Image.fromarray(window).resize((TEMPLATE, TEMPLATE), Image.Resampling.BILINEAR)
-    return np.asarray(resized)
-
-
-@lru_cache(maxsize=1)  # a memo of a pure function: the templates are drawn by the renderer
-def shape_templates() -> dict[str, tuple[np.ndarray, float]]:
-    """shape -> (normalised masks, bounding-box side / (2 * radius)).
-
-    Masks at two sizes, sharp and blurred: blur rounds off the points of small stars and fills
-    the notches of crosses, and a generated image is seldom sharp."""
-    templates = {}
-    for shape in SHAPES:
-        masks, extent = [], 0.0
-        for radius in (SIZES["small"], SIZES["large"]):
-            canvas = np.zeros((WORK_SIZE, WORK_SIZE, 3), np.float32)
-            draw_shape(canvas, shape, (255, 255, 255), 0.5, 0.5, radius)
-            sharp = Image.fromarray(canvas[..., 0].astype(np.uint8))
-            for blur in (0.0, 1.2):
-                image = sharp.filter(ImageFilter.GaussianBlur(blur)) if blur else sharp
-                coverage = np.asarray(image, np.float32) / 255
-                masks.append(normalized_mask(opened(coverage > 0.5), coverage))
-            ys, xs = np.nonzero(canvas[..., 0] > 127)
-            extent = (max(np.ptp(ys), np.ptp(xs)) + 1) / (2 * radius * WORK_SIZE)
-        templates[shape] = (np.stack(masks), extent)
-    return templates
-
-
-def aspect(crop: np.ndarray) -> float:
-    """Height / width of a soft mask, to sub-pixel precision (a hexagon is 0.87, a circle 1)."""
-    return float(crop.max(axis=1).sum() / max(crop.max(axis=0).sum(), 1e-6))
-
-
-def classify_shape(mask: np.ndarray, soft: np.ndarray) -> str:
-    crop = normalized_mask(mask, soft)
-    scores = {shape: max(np.minimum(crop, t).sum() / np.maximum(crop, t).sum()
-                         - ASPECT_WEIGHT * abs(aspect(crop) - aspect(t)) for t in masks)
-              for shape, (masks, _) in shape_templates().items()}
-    return max(scores, key=scores.get)
+def _segment_fit(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(t, distance) of points p to the segment a -> b: t = 0 at a, 1 at b (unclipped)."""
+    ab = b - a
+    t = ((p - a) * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-6)
+    return t, np.linalg.norm(p - a - np.clip(t, 0, 1)[..., None] * ab, axis=-1)
 
 
 def _blend_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray, thin: float) -> np.ndarray:
     """Distance from points p to the blends of a and b, plus `thin` times how far the nearest
     blend is from pure b: brown over orange must not pass for a faint black (broadcasts)."""
-    ab = b - a
-    t = np.clip(((p - a) * ab).sum(-1, keepdims=True) / np.maximum((ab * ab).sum(-1, keepdims=True), 1e-6), 0, 1)
-    return np.linalg.norm(p - a - t * ab, axis=-1) + thin * (1 - t[..., 0]) * np.linalg.norm(ab, axis=-1)
+    t, distance = _segment_fit(p, a, b)
+    return distance + thin * (1 - np.clip(t, 0, 1)) * np.linalg.norm(b - a, axis=-1)
+
+
+def _inside_blend_distance(p: np.ndarray, main: np.ndarray, shade: np.ndarray) -> np.ndarray:
+    """Distance from points p to the blends of a colour and its shade, plus a cost for an even
+    blend: inside an object those blend only along pattern edges, so grey (and its dark
+    shade) must not pass for a blend of black and its light grey shade (broadcasts)."""
+    t, distance = _segment_fit(p, main, shade)
+    t = np.clip(t, 0, 1)
+    return distance + INSIDE_BLEND_COST * np.minimum(t, 1 - t)
 
 
 def classify_color(pixels: np.ndarray, background: np.ndarray) -> str:
@@ -211,22 +184,37 @@ def classify_color(pixels: np.ndarray, background: np.ndarray) -> str:
     step = max(len(pixels) // MAX_COLOR_PIXELS, 1)  # an even subsample is as good, and faster
     p, bg = pixels[::step, None], background[::step, None]
     main, shade = PALETTE[None], SHADES[None]
-    residual = np.minimum(np.minimum(_blend_distance(p, bg, main, 0.5), _blend_distance(p, bg, shade, 0.5)),
-                          _blend_distance(p, main, shade, 0.0))
+    # a shade close to the background is never drawn (scenes.contrasts)
+    no_shade = np.where(np.linalg.norm(bg - shade, axis=-1) < SHADE_MIN_CONTRAST, np.inf, 0.0)
+    residual = np.minimum.reduce([_blend_distance(p, bg, main, 0.5),
+                                  _blend_distance(p, bg, shade, 0.5) + no_shade,
+                                  _inside_blend_distance(p, main, shade) + no_shade])
     main_share = (np.linalg.norm(p - main, axis=2) <= np.linalg.norm(p - shade, axis=2)).mean(axis=0)
     cost = residual.mean(axis=0) + 100.0 * np.clip(MIN_MAIN_SHARE - main_share, 0, None) / MIN_MAIN_SHARE
     return list(COLORS)[int(np.argmin(cost))]
 
 
-def coverage(pixels: np.ndarray, background: np.ndarray, color: str) -> np.ndarray:
-    """How much of each pixel an object of `color` (or its pattern shade) covers, 0..1 and
-    beyond; a blurred straight edge keeps its 0.5 line where the sharp edge was."""
-    best = np.zeros(pixels.shape[:-1], np.float32)
-    for target in (COLORS[color], pattern_shade(color)):
-        direction = np.array(target, np.float32) - background
-        share = ((pixels - background) * direction).sum(-1) / np.maximum((direction**2).sum(-1), 1e-6)
-        best = np.maximum(best, share)
-    return best
+def coverage(pixels: np.ndarray, background: np.ndarray, color: str, patterned: bool) -> np.ndarray:
+    """How much of each pixel an object of `color` covers, 0..1 and beyond; a blurred straight
+    edge keeps its 0.5 line where the sharp edge was.
+
+    A pixel of a plain object is a blend of the background and the colour. One of a patterned
+    object may also blend the background with the pattern shade, or (inside) the colour with
+    the shade; the blend nearest to the pixel says how much is covered. Shade blends are only
+    tried for patterned objects: the shade is often itself a blend of the colour and a pale or
+    dark background (blue's is a light blue), which would pass every edge pixel as ink."""
+    main = np.array(COLORS[color], np.float32)
+    t_main, d_main = _segment_fit(pixels, background, main)
+    if not patterned:
+        return t_main.astype(np.float32)
+    shade = np.array(pattern_shade(color), np.float32)
+    t_shade, d_shade = _segment_fit(pixels, background, shade)
+    _, d_inside = _segment_fit(pixels, main, shade)
+    # collinear colours (grey on white) fit several blends equally well: take the most ink
+    close = np.minimum(np.minimum(d_main, d_shade), d_inside) + FIT_TOLERANCE
+    return np.maximum.reduce([np.where(d_main <= close, t_main, -np.inf),
+                              np.where(d_shade <= close, t_shade, -np.inf),
+                              np.where(d_inside <= close, 1.0, -np.inf)]).astype(np.float32)
 
 
 def _box_blur(image: np.ndarray) -> np.ndarray:
@@ -243,24 +231,31 @@ def _purity(shade: np.ndarray, inside: np.ndarray, axis: int) -> float:
     return float((np.maximum(share, 1 - share) * counts[keep]).sum() / max(counts[keep].sum(), 1))
 
 
-def classify_pattern(image: np.ndarray, mask: np.ndarray, color: str) -> str:
+def classify_pattern(image: np.ndarray, background: np.ndarray, mask: np.ndarray, color: str) -> str:
     inside = _erode(mask, 3)  # edges blend with the background and can pass for the shade
     if inside.sum() < 30:
         return "plain"
     main = np.array(COLORS[color], np.float32)
     shade_rgb = np.array(pattern_shade(color), np.float32)
-    shade = (np.linalg.norm(image - shade_rgb, axis=2) < np.linalg.norm(image - main, axis=2)) & inside
-    share = shade.sum() / inside.sum()
-    if share < 0.1:
+    # shade pixels: nearer the shade than the colour, and explained as blends of the two as
+    # well as by a blend of colour and background (a ring's hole, an edge; where those are
+    # collinear, as black's grey shade on white, either will do); a shade close to the
+    # background is never drawn (scenes.contrasts)
+    blend, to_pattern = _segment_fit(image, main, shade_rgb)
+    _, to_edge = _segment_fit(image, background, main)
+    drawn = np.linalg.norm(background - shade_rgb, axis=2) >= SHADE_MIN_CONTRAST
+    shade = (blend > 0.5) & (to_pattern < to_edge + FIT_TOLERANCE) & drawn & inside
+    if shade.sum() < PATTERN_MIN_SHARE * inside.sum():
         return "plain"
     rows, columns = _purity(shade, inside, 1), _purity(shade, inside, 0)
     if rows - columns > 0.12:
         return "striped"
-    return "checkered" if share > 0.38 else "dotted"
+    # the shade's share of the area: dots cover a quarter, checks half. Blur keeps the mean
+    # blend, not the count of pixels nearest the shade (blurred dots shrink), so mean blends.
+    return "checkered" if np.clip(blend[inside], 0, 1).mean() > 0.38 else "dotted"
 
 
-def classify_size(extent: float, shape: str) -> str:
-    radius = extent / (2 * shape_templates()[shape][1])
+def classify_size(radius: float) -> str:
     return min(SIZES, key=lambda s: abs(np.log(radius / SIZES[s])))
 
 
@@ -277,24 +272,24 @@ def detect(image: np.ndarray | Image.Image) -> tuple[str, list[Detection]]:
     detections = []
     for label in found[counts >= MIN_AREA]:
         ys, xs = np.nonzero(labels == label)
-        box = np.s_[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        box = np.s_[max(ys.min() - BLUR_ROOM, 0):ys.max() + 1 + BLUR_ROOM,
+                    max(xs.min() - BLUR_ROOM, 0):xs.max() + 1 + BLUR_ROOM]
         region, ink, behind = labels[box] == label, pixels[box], background[box]
         core = _erode(region, 1)
         core = core if core.sum() >= 10 else region
         color = classify_color(ink[core], behind[core])
-        covered = coverage(ink, behind, color)
+        # the pattern is read off the region's inside first: it says which blends make the edge
+        pattern = classify_pattern(ink, behind, region, color)
+        covered = coverage(ink, behind, color, patterned=pattern != "plain")
         mask = opened(region & (covered > 0.5))
         if mask.sum() < MIN_AREA:
             continue
-        ys, xs = np.nonzero(mask)
-        extent = (max(np.ptp(ys), np.ptp(xs)) + 1) / WORK_SIZE
-        shape = classify_shape(mask, covered)
-        x = (box[1].start + (xs.min() + xs.max() + 1) / 2) / WORK_SIZE
-        y = (box[0].start + (ys.min() + ys.max() + 1) / 2) / WORK_SIZE
-        size = classify_size(extent, shape)
+        fit = fit_shape(np.clip(covered, 0, 1) * _dilate(mask, BLUR_ROOM))
+        size = classify_size(fit.radius / WORK_SIZE)
         # the world never patterns small or thin shapes; their few inner pixels are noise
-        pattern = classify_pattern(ink, mask, color) if can_have_pattern(shape, size) else "plain"
-        detections.append(Detection(shape, color, pattern, size, x, y, extent))
+        pattern = pattern if can_have_pattern(fit.shape, size) else "plain"
+        detections.append(Detection(fit.shape, color, pattern, size, (box[1].start + fit.x) / WORK_SIZE,
+                                    (box[0].start + fit.y) / WORK_SIZE, fit.extent / WORK_SIZE))
     return classify_background(profile), detections
 
 
@@ -307,7 +302,6 @@ def analyze(image: np.ndarray | Image.Image, expectation: Expectation) -> dict[C
 # ----------------------------------------------------------------------------- accuracy
 
 KINDS = ("background", "shape", "color", "pattern", "size", "count", "position")
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 def degrade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -324,13 +318,19 @@ def degrade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def true_expectation(scene: Scene) -> Expectation:
     """Every attribute and count, plus every caption-clear relation between objects named, as
     prompts name them, by shape and colour (those whose shape and colour are unique)."""
+    return _with_relations(scene, strict=True, holding=True)
+
+
+def _with_relations(scene: Scene, strict: bool, holding: bool) -> Expectation:
+    """Everything about the scene, with the relations between named objects that do (or do
+    not) hold by the strict (caption) or lenient (analyzer) rule."""
     full = full_expectation(scene)
     named = [ObjectQuery(o.shape, o.color) for o in scene.objects
              if sum((p.shape, p.color) == (o.shape, o.color) for p in scene.objects) == 1]
     first = len(full.objects)
     relations = tuple(RelationQuery(first + a, rel, first + b)
                       for a, qa in enumerate(named) for b, qb in enumerate(named) if a != b
-                      for rel in OPPOSITE if relation_holds(*_only(scene, qa, qb), rel))
+                      for rel in RELATIONS if relation_holds(*_only(scene, qa, qb), rel, strict) == holding)
     return Expectation(full.background, full.objects + tuple(named), relations)
 
 
@@ -353,9 +353,11 @@ def false_expectations(scene: Scene, rng: random.Random) -> list[tuple[str, Expe
               for kind, values in others.items() if values]
     wrong.append(("count", Expectation(objects=(replace(query, count=query.count + rng.choice(
         [-1, 1]) if query.count > 1 else 2),))))
-    if full.relations:
-        rel = rng.choice(full.relations)
-        wrong.append(("position", replace(full, relations=(replace(rel, relation=OPPOSITE[rel.relation]),))))
+    # any relation the analyzer's own lenient rule rejects: also the near misses a caption
+    # never states ("left of" when mostly above), and "next to" when far apart
+    untrue = _with_relations(scene, strict=False, holding=False)
+    if untrue.relations:
+        wrong.append(("position", replace(untrue, relations=(rng.choice(untrue.relations),))))
     return wrong
 
 
