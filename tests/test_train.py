@@ -141,6 +141,10 @@ def test_shipped_recipes_fit_the_size_budget():
     total = sum(p.numel() for part in parts for p in part.parameters())
     assert total * 2 * 2 <= 40e6  # two fp16 copies in 40 MB
     assert load_recipe("unet", gpu=True)["batch_size"] > unet["batch_size"]  # the [gpu] table applies
+    for prefix in ("", "tiny_"):  # the decoder stage continues its vae stage: same architecture, whole images
+        decoder, first = load_recipe(f"{prefix}vae_decoder", gpu=False), load_recipe(f"{prefix}vae", gpu=False)
+        assert decoder["model"] == {k: v for k, v in first["model"].items() if k != "crop"}
+        assert decoder["train_encoder"] is False and decoder["data"]["crop"] == 0 < first["data"]["crop"]
 
 
 def test_unknown_recipe_is_a_user_error():
