@@ -53,6 +53,16 @@ def test_int8_is_lossy_but_close(tiny_model_dir, plain):
     assert 0 < (ours - reference).abs().max() < 0.5 * reference.abs().max()
 
 
+def test_deepcache_skips_deep_blocks_on_most_calls_and_stays_close(tiny_model_dir, plain):
+    pipe = pipeline(tiny_model_dir, Levers(deepcache=True))
+    deep_calls = []
+    pipe.model.unet.mid_block.register_forward_hook(lambda *_: deep_calls.append(1))
+    ours, reference = latents_of(pipe), plain[0]
+    assert 0 < len(deep_calls) <= -(-PARAMS.steps // 3) + 1  # one full call in three
+    assert 0 < (ours - reference).abs().max() < 0.5 * reference.abs().max()
+    assert Levers.parse(["deepcache"]) == Levers(deepcache=True)
+
+
 def test_bf16_autocast_runs_in_bf16(tiny_model_dir, plain):
     pipe = pipeline(tiny_model_dir, Levers(bf16=True))
     seen = []

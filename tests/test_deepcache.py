@@ -37,10 +37,10 @@ def test_cached_calls_skip_the_deep_blocks_and_reuse_their_feature():
     deep_calls = []
     unet.mid_block.register_forward_hook(lambda *_: deep_calls.append(1))
     cached = DeepCacheUNet(unet, interval=3)
-    outputs = [cached(x + 0.01 * i, t, cond.hidden)[0] for i in range(6)]
+    outputs = [cached(x + 0.01 * i, t + i, cond.hidden)[0] for i in range(6)]
     assert len(deep_calls) == 2  # calls 0 and 3 ran the whole UNet
     with torch.no_grad():
-        exact = unet(x + 0.01, t, encoder_hidden_states=cond.hidden, return_dict=False)[0]
+        exact = unet(x + 0.01, t + 1, encoder_hidden_states=cond.hidden, return_dict=False)[0]
     # a cached call answers with the fresh shallow path: close to, but not, the full answer
     assert not torch.equal(outputs[1], exact)
     assert (outputs[1] - exact).abs().max() < 0.1 * exact.abs().max()
@@ -56,7 +56,7 @@ def test_uncond_and_cond_of_other_lengths_keep_separate_features():
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * sigmas[0]
     reference = sample("Euler", cfg_denoiser(plain, cond, uncond, 7.0), x, sigmas, noise_sampler=None)
     approximate = sample("Euler", cfg_denoiser(cached, cond, uncond, 7.0), x, sigmas, noise_sampler=None)
-    assert set(cached.unet.deep) == {((1, 4, 8, 8), (1, 154, 32)), ((1, 4, 8, 8), (1, 77, 32))}
+    assert set(cached.unet.deep) == {(0, (1, 4, 8, 8), (1, 77, 32)), (1, (1, 4, 8, 8), (1, 154, 32))}
     assert not torch.equal(reference, approximate)
     assert (reference - approximate).abs().max() < 0.2 * reference.abs().max()
 
@@ -64,3 +64,17 @@ def test_uncond_and_cond_of_other_lengths_keep_separate_features():
 def test_interval_below_one_is_refused():
     with pytest.raises(ValueError, match="at least 1"):
         DeepCacheUNet(tiny_unet(), interval=0)
+
+
+def test_images_of_a_batch_run_one_at_a_time_keep_their_own_features():
+    unet, cond = tiny_unet(), random_cond(1, seed=0)
+    x, _, _ = unet_inputs(cond)
+    images = [x, -x]
+    alone = []
+    for image in images:  # each image through its own cache
+        cached = DeepCacheUNet(unet, interval=2)
+        alone.append([cached(image, torch.tensor([t]), cond.hidden)[0] for t in (900.0, 800.0, 700.0)])
+    shared = DeepCacheUNet(unet, interval=2)  # both images, interleaved at every step, as a batch runs
+    for step, t in enumerate((900.0, 800.0, 700.0)):
+        for image, expected in zip(images, alone, strict=True):
+            assert torch.equal(shared(image, torch.tensor([t]), cond.hidden)[0], expected[step])

@@ -10,6 +10,8 @@ to plain fp32 eager (9.4 s):
   int8            lossy   0.75x  dynamic int8 nn.Linear (attention, feed-forward); eps max err 0.03
   bf16            lossy   9.1x   bf16 autocast: slower without avx512_bf16 / AMX (see has_fast_bf16)
   compile         exact   -      torch.compile (Inductor); compiling costs minutes per shape
+  deepcache       lossy   ~0.5x  DeepCache, interval 3: a cached SD1.5 call costs ~0.22x of a full one
+                                 (256x256, this machine under load); see sfumato.deepcache
 
 SDPA attention needs no lever: diffusers' default AttnProcessor2_0 already calls
 torch.nn.functional.scaled_dot_product_attention (attention_backends() checks it).
@@ -34,6 +36,7 @@ class Levers:
     compile: bool = False        # exact, but minutes of compiling per shape
     int8: bool = False           # lossy: dynamic int8 Linear layers (CPU only)
     bf16: bool = False           # lossy: bf16 autocast (CPU with avx512_bf16/AMX, or CUDA)
+    deepcache: bool = False      # lossy: reuse deep UNet features on 2 calls in 3 (sfumato.deepcache)
 
     @classmethod
     def parse(cls, names: list[str] | tuple[str, ...]) -> Levers:

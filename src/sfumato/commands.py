@@ -71,10 +71,12 @@ OPTION_FIELDS = {
 @click.option("--out", "-o", default="outputs", show_default=True, type=click.Path(file_okay=False))
 @click.option("--device", help="cpu | cuda | cuda:N | mps; default: best available.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .ckpt/.pt (loaded with weights_only=True).")
+@click.option("--lever", "levers", multiple=True,
+              help="Speed lever, repeatable: deepcache, int8, bf16 (lossy), compile; no-NAME turns one off.")
 @click.pass_context
 @user_errors
 def generate(ctx: click.Context, prompt: str | None, model, vae, loras, lora_dir, init_image,
-             from_png, out, device, allow_pickle, **options) -> None:
+             from_png, out, device, allow_pickle, levers, **options) -> None:
     """Generate images from PROMPT and save them as PNGs with their parameters."""
     from sfumato.params import GenerationParams
 
@@ -93,8 +95,10 @@ def generate(ctx: click.Context, prompt: str | None, model, vae, loras, lora_dir
     from tqdm import tqdm
 
     import sfumato
+    from sfumato.accel import Levers
 
-    pipe = sfumato.load(model, vae=vae, device=device, allow_pickle=allow_pickle, lora_dir=lora_dir)
+    pipe = sfumato.load(model, vae=vae, device=device, allow_pickle=allow_pickle, lora_dir=lora_dir,
+                        levers=Levers.parse(levers))
     with tqdm(total=params.steps, desc="sampling", unit="step", leave=False) as bar:
         def progress(step: int, total: int, _latents) -> None:
             bar.total = total

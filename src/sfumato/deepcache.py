@@ -32,9 +32,11 @@ def _run_up(block, h: Tensor, emb: Tensor, context: Tensor, skips: tuple[Tensor,
 
 
 class DeepCacheUNet:
-    """Callable like the UNet it wraps (as UNetDenoiser calls it). Make one per image: it counts
-    calls, and keeps one deep feature per (latent shape, text shape), so that cond and uncond
-    passes run separately (prompts of different lengths) each get their own."""
+    """Callable like the UNet it wraps (as UNetDenoiser calls it). Make one per sampling run.
+
+    Several calls share a timestep when a batch goes through one image at a time, or cond and
+    uncond run separately (prompts of different lengths): the n-th call at a timestep is the same
+    image and pass at every step, so each (n, shapes) keeps its own deep feature and call count."""
 
     def __init__(self, unet, interval: int = 3):
         if interval < 1:
@@ -42,6 +44,15 @@ class DeepCacheUNet:
         self.unet, self.interval = unet, interval
         self.calls: dict[tuple, int] = {}
         self.deep: dict[tuple, Tensor] = {}
+        self.timestep: Tensor | None = None
+        self.position = 0  # calls so far at self.timestep
+
+    def _key(self, sample: Tensor, timestep: Tensor, context: Tensor) -> tuple:
+        if self.timestep is not None and torch.equal(timestep, self.timestep):
+            self.position += 1
+        else:
+            self.timestep, self.position = timestep.clone(), 0
+        return (self.position, tuple(sample.shape), tuple(context.shape))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -63,7 +74,7 @@ class DeepCacheUNet:
     def __call__(self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
                  return_dict: bool = False, added_cond_kwargs: dict | None = None) -> tuple[Tensor]:
         unet = self.unet
-        key = (tuple(sample.shape), tuple(encoder_hidden_states.shape))
+        key = self._key(sample, torch.as_tensor(timestep), encoder_hidden_states)
         count = self.calls.get(key, 0)
         self.calls[key] = count + 1
         full = count % self.interval == 0 or key not in self.deep

@@ -17,6 +17,7 @@ from PIL import Image
 from sfumato import accel
 from sfumato import latents as latent_space
 from sfumato.checkpoints import BUILTIN_MODEL, Model, load_model
+from sfumato.deepcache import DeepCacheUNet
 from sfumato.denoiser import Conditioning, UNetDenoiser, cfg_denoiser
 from sfumato.errors import ParamError
 from sfumato.metadata import infotext
@@ -121,7 +122,10 @@ class Pipeline:
             x = self.encode_image(init_image, width, height, seeds[0]).expand(b, -1, -1, -1)
             x = x + noise() * sigmas[0]
 
-        denoiser = one_image_at_a_time(cfg_denoiser(self.unet, cond, uncond, params.cfg_scale))
+        unet = self.unet
+        if self.levers.deepcache:  # a fresh feature cache for every sampling run
+            unet = UNetDenoiser(DeepCacheUNet(self.model.unet), self.model.alphas_cumprod, self.model.prediction_type)
+        denoiser = one_image_at_a_time(cfg_denoiser(unet, cond, uncond, params.cfg_scale))
         total = len(sigmas) - 1
 
         def on_step(i: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
