@@ -171,6 +171,47 @@ def test_folder_with_pickled_weights(tiny, tmp_path):
     assert torch.equal(loaded.unet.conv_in.weight, state["conv_in.weight"])
 
 
+def _half_copy(folder: Path, dest: Path, prefix: str, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """A copy of a saved text encoder with fp16 weights (as the built-in model ships them), its
+    keys under `prefix` ("text_model." as transformers 4 and sfumato's trainer save them)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    dest = Path(shutil.copytree(folder, dest))
+    state = {prefix + k.removeprefix("text_model."): v.half()
+             for k, v in load_file(dest / "model.safetensors").items()}
+    save_file({**state, **(extra or {})}, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+@pytest.mark.parametrize("prefix", ["", "text_model."])
+def test_saved_text_encoder_is_built_as_from_pretrained_builds_it(tiny, tmp_path, prefix):
+    from transformers import CLIPTextModel
+
+    folder = _half_copy(tiny / "text_encoder", tmp_path / "te", prefix)
+    direct = checkpoints._saved_text_encoder("CLIPTextModel", folder, "cpu", torch.float32)
+    stock = CLIPTextModel.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+    assert isinstance(direct, CLIPTextModel) and not direct.training
+    ours, theirs = direct.state_dict(), stock.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == torch.float32 for k in ours)
+    ids = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(direct(ids).last_hidden_state, stock(ids).last_hidden_state)
+
+
+def test_text_encoder_in_another_layout_is_left_to_from_pretrained(tiny, tmp_path):
+    # transformers 4 also saved the position_ids buffer; from_pretrained knows to drop it
+    folder = _half_copy(tiny / "text_encoder", tmp_path / "te", "text_model.",
+                        {"text_model.embeddings.position_ids": torch.arange(77)[None]})
+    assert checkpoints._saved_text_encoder("CLIPTextModel", folder, "cpu", torch.float32) is None
+    model = checkpoints._from_pretrained("CLIPTextModel", folder, "cpu", torch.float32, False)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        saved = f.get_tensor("text_model.embeddings.token_embedding.weight")
+    assert torch.equal(model.state_dict()["embeddings.token_embedding.weight"], saved.float())
+
+
 # ---------------------------------------------------------------- the real architectures
 
 

@@ -1,10 +1,12 @@
 import json
+from pathlib import Path
 
 import numpy as np
 from click.testing import CliRunner
 
+from sfumato import speed
 from sfumato.checkpoints import BUILTIN_MODEL, load_model
-from sfumato.speed import FIELDS, builtin_standin, fidelity, speed_command, summarize
+from sfumato.speed import FIELDS, PHASES, builtin_standin, fidelity, speed_command, summarize
 
 
 def test_bench_runs_end_to_end_and_prints_every_field(tiny_model_dir, monkeypatch):
@@ -13,11 +15,11 @@ def test_bench_runs_end_to_end_and_prints_every_field(tiny_model_dir, monkeypatc
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     result = CliRunner().invoke(speed_command, [
         "--model", str(tiny_model_dir), "--size", "64", "--steps", "2", "--runs", "1",
-        "--cli-runs", "1", "--cli-model", str(tiny_model_dir), "--json"])
+        "--cli-runs", "0", "--json"])
     assert result.exit_code == 0, result.output
     for _, label in FIELDS:
         assert label in result.output
-    assert "fidelity vs fp32 eager diffusers" in result.output and "`sfumato generate` wall" in result.output
+    assert "fidelity vs fp32 eager diffusers" in result.output
     figures = json.loads(result.output.strip().splitlines()[-1])
     ours, theirs = figures["medians"]["sfumato"], figures["medians"]["diffusers"]
     for row in (ours, theirs):
@@ -26,7 +28,37 @@ def test_bench_runs_end_to_end_and_prints_every_field(tiny_model_dir, monkeypatc
     # same model, scheduler, noise: the images agree up to float rounding
     assert figures["fidelity"]["max_abs_diff"] <= 2 / 255
     assert figures["fidelity"]["psnr_db"] > 40
-    assert len(figures["generate_cli_s"]) == 1 and figures["generate_cli_s"][0] > 0
+    assert "startup" not in figures
+
+
+def test_startup_times_the_command_and_its_phases(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    # the phases run here rather than in a fresh process: the same function, one subprocess fewer
+    monkeypatch.setattr(speed, "spawn", lambda request: speed.startup_phases(
+        Path(request["model"]), Path(request["out"]), request["spawned"]))
+    found = speed.time_startup(tiny_model_dir, 1, tmp_path)
+    assert found["wall_s"][0] > 0 and found["cpu_s"][0] > 0 and found["loadavg"] >= 0
+    [phases] = found["phases"]
+    assert all(phases[key] >= 0 for key, _ in PHASES) and phases["decode_s"] > 0 and phases["sample_s"] > 0
+    assert (phases["size"], phases["steps"]) == (64, 20)  # the CLI's defaults on this model
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00000-1.png", "phases.png"]
+    assert "`sfumato generate` wall" in speed.format_startup(found)
+
+
+def test_startup_only_skips_the_comparison(monkeypatch, tmp_path):
+    def no_comparison(*_):
+        raise AssertionError("the comparison ran")
+
+    found = {"wall_s": [3.0, 1.0, 2.0], "cpu_s": [2.0, 2.0, 2.0], "loadavg": 0.5,
+             "phases": [{**{key: 0.25 for key, _ in PHASES}, "size": 128, "steps": 20}] * 3}
+    monkeypatch.setattr(speed, "compare_with_diffusers", no_comparison)
+    monkeypatch.setattr(speed, "time_startup", lambda model, runs, out: found)
+    result = CliRunner().invoke(speed_command, ["--startup-only", "--cli-model", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "median 2.00 s of 3 (3.00, 1.00, 2.00)" in result.output and "128x128, 20 steps" in result.output
+    assert all(f"{label} 0.25" in result.output for _, label in PHASES)
+    assert json.loads(result.output.strip().splitlines()[-1])["startup"] == found
 
 
 def test_fidelity():

@@ -47,3 +47,7 @@ def cli() -> None:
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":  # python -m sfumato.cli
+    main()

@@ -179,11 +179,7 @@ def run_side(side: str, setup: Setup, image_out: Path, cold: bool) -> dict:
 
 
 def _sfumato_side(setup: Setup):
-    # What sfumato imports lazily while loading, imported now: both sides' load times then
-    # count loading alone.
-    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
-    from transformers import CLIPTextModel  # noqa: F401
-
+    import_engine()  # now, not lazily while loading: both sides' load times count loading alone
     from sfumato.accel import Levers
     from sfumato.pipeline import Pipeline
 
@@ -236,30 +232,92 @@ def _diffusers_side(setup: Setup):
     return load, generate
 
 
-def spawn_side(side: str, setup: Setup, image_out: Path, cold: bool) -> dict:
-    """run_side in a fresh interpreter; its last stdout line is the JSON result."""
-    request = json.dumps({"side": side, "setup": asdict(setup), "image": str(image_out), "cold": cold})
-    done = subprocess.run([sys.executable, "-m", "sfumato.speed", request], capture_output=True,
+def spawn(request: dict) -> dict:
+    """run_side or startup_phases in a fresh interpreter; its last stdout line is the JSON result."""
+    done = subprocess.run([sys.executable, "-m", "sfumato.speed", json.dumps(request)], capture_output=True,
                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode != 0:
-        raise click.ClickException(f"the {side} run failed:\n{done.stderr[-3000:]}")
+        raise click.ClickException(f"the {request['side']} run failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-# ---------------------------------------------------------------- the whole CLI
+def spawn_side(side: str, setup: Setup, image_out: Path, cold: bool) -> dict:
+    return spawn({"side": side, "setup": asdict(setup), "image": str(image_out), "cold": cold})
 
 
-def time_generate_cli(model: Path, runs: int, out: Path) -> list[float]:
-    """Wall time of `sfumato generate` (its default size and steps), imports included, as a
-    user would see it."""
-    command = [sys.executable, "-c", "from sfumato.cli import main; main()", "generate", PROMPT,
-               "--model", str(model), "--seed", "1", "--out", str(out)]
-    times = []
+# ---------------------------------------------------------------- start-up: the whole command
+
+PHASES = [("python_s", "python start"), ("import_s", "imports"), ("load_s", "model load"),
+          ("sample_s", "text+sampling"), ("decode_s", "VAE decode"), ("save_s", "PNG save")]
+
+
+def import_engine() -> None:
+    """What `sfumato generate` imports before it computes anything: the command, the pipeline,
+    and the library classes that loading a model imports lazily."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+    from tqdm import tqdm  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+
+    import sfumato.commands  # noqa: F401
+    import sfumato.pipeline  # noqa: F401
+
+
+def startup_phases(model: Path, out: Path, spawned: float) -> dict:
+    """The work of `sfumato generate --seed 1`, phase by phase, in this fresh process.
+    spawned: the parent's time.monotonic() as it started this process."""
+    phases = {"python_s": time.monotonic() - spawned}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        phases[name], clock = time.perf_counter() - clock, time.perf_counter()
+
+    import_engine()
+    lap("import_s")
+    from sfumato.metadata import save_png
+    from sfumato.pipeline import Pipeline
+
+    pipe = Pipeline.load(str(model))
+    lap("load_s")
+    decoder = ModuleTimer(pipe.model.vae.decoder)
+    [result] = pipe.generate(prompt=PROMPT, seed=1)
+    lap("sample_s")
+    save_png(result.image, out / "phases.png", infotext=result.infotext, params=result.params.to_dict())
+    lap("save_s")
+    phases["decode_s"] = decoder.seconds
+    phases["sample_s"] -= decoder.seconds
+    return {**phases, "size": result.params.width, "steps": result.params.steps}
+
+
+def time_startup(model: Path, runs: int, out: Path) -> dict:
+    """`sfumato generate` start to finish as a user runs it, imports included (wall and CPU
+    time), alternating with a fresh process that times its phases."""
+    command = [sys.executable, "-m", "sfumato.cli", "generate", PROMPT, "--model", str(model),
+               "--seed", "1", "--out", str(out)]
+    found: dict = {"wall_s": [], "cpu_s": [], "phases": [], "loadavg": os.getloadavg()[0]}
     for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        times.append(time.perf_counter() - start)
-    return times
+        before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        found["wall_s"].append(time.perf_counter() - start)
+        if done.returncode != 0:
+            raise click.ClickException(f"`sfumato generate` failed:\n{done.stderr[-3000:]}")
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        found["cpu_s"].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+        found["phases"].append(spawn({"side": "startup", "model": str(model), "out": str(out),
+                                      "spawned": time.monotonic()}))
+    return found
+
+
+def format_startup(found: dict) -> str:
+    walls, first = found["wall_s"], found["phases"][0]
+    phases = ", ".join(f"{label} {statistics.median(p[key] for p in found['phases']):.2f}"
+                       for key, label in PHASES)
+    return "\n".join([
+        f"`sfumato generate` wall, imports included ({first['size']}x{first['size']}, {first['steps']} steps): "
+        f"median {statistics.median(walls):.2f} s of {len(walls)} ({', '.join(f'{t:.2f}' for t in walls)}), "
+        f"CPU (user+sys) median {statistics.median(found['cpu_s']):.2f} s",
+        f"  its phases (s), median of {len(walls)} fresh processes: {phases}",
+        f"  machine: load average {found['loadavg']:.1f} on {os.cpu_count()} CPUs at the start"])
 
 
 # ---------------------------------------------------------------- the report
@@ -293,7 +351,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, float | None]]
     return table
 
 
-def format_report(setup: Setup, table: dict, quality: dict, cli_times: list[float] | None) -> str:
+def format_report(setup: Setup, table: dict, quality: dict) -> str:
     def cell(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}" if value < 100 else f"{value:.0f}"
 
@@ -307,9 +365,6 @@ def format_report(setup: Setup, table: dict, quality: dict, cli_times: list[floa
         lines.append(f"{label:<30}{cell(ours):>10}{cell(theirs):>11}{ratio:>8}")
     lines.append(f"fidelity vs fp32 eager diffusers: PSNR {quality['psnr_db']:.1f} dB, "
                  f"max abs diff {quality['max_abs_diff']:.4f} (of 1)")
-    if cli_times is not None:
-        lines.append(f"`sfumato generate` wall, imports included: median {statistics.median(cli_times):.2f} s "
-                     f"of {len(cli_times)} ({', '.join(f'{t:.2f}' for t in cli_times)})")
     return "\n".join(lines)
 
 
@@ -325,38 +380,48 @@ def format_report(setup: Setup, table: dict, quality: dict, cli_times: list[floa
 @click.option("--lever", "levers", multiple=True,
               help="Opt-in sfumato lever (int8, compile, bf16, no-channels_last), repeatable.")
 @click.option("--cli-runs", type=int, default=3, show_default=True,
-              help="Times to run the whole `sfumato generate` command (0 = skip).")
+              help="Times to run the whole `sfumato generate` command, and its phases (0 = skip).")
 @click.option("--cli-model", default="builtin", show_default=True, help="The model it generates with.")
+@click.option("--startup-only", is_flag=True,
+              help="Only time `sfumato generate` start to finish; skip the comparison with diffusers.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON as well.")
 def speed_command(model, size, steps, cfg, runs, sampler, device, levers, cli_runs, cli_model,
-                  as_json) -> None:
-    """sfumato vs stock diffusers: time per image and UNet step, VAE decode, RSS, load, fidelity."""
+                  startup_only, as_json) -> None:
+    """sfumato vs stock diffusers: time per image and UNet step, VAE decode, RSS, load, fidelity;
+    and the wall time of the whole `sfumato generate` command."""
     if sampler != "Euler":  # the one sampler both sides compute identically
         raise click.UsageError("the diffusers reference runs Euler only: use --sampler Euler")
-    setup = Setup(str(resolve_model(model)), size, steps, cfg, sampler, device, levers=tuple(levers))
-    results: dict[str, list[dict]] = {"sfumato": [], "diffusers": []}
+    figures: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        images = {side: Path(tmp) / f"{side}.npy" for side in results}
-        for run in range(runs):
-            for side in results:  # alternate, so machine noise hits both sides alike
-                results[side].append(spawn_side(side, setup, images[side], cold=run == 0))
-                click.echo(f"run {run + 1}/{runs} {side}: {results[side][-1]['image_s']:.2f} s/image",
-                           err=True)
-        import numpy as np
-
-        quality = fidelity(np.load(images["sfumato"]), np.load(images["diffusers"]))
-        cli_times = None
-        if cli_runs:
-            cli_times = time_generate_cli(resolve_model(cli_model), cli_runs, Path(tmp) / "cli")
-    table = summarize(results)
-    click.echo(format_report(replace(setup, model=model), table, quality, cli_times))
+        if not startup_only:  # resolving "sd15" writes a 4 GB model the first time: only when used
+            setup = Setup(str(resolve_model(model)), size, steps, cfg, sampler, device, levers=tuple(levers))
+            figures = {"setup": asdict(setup), **compare_with_diffusers(setup, runs, Path(tmp))}
+            click.echo(format_report(replace(setup, model=model), figures["medians"], figures["fidelity"]))
+        if cli_runs or startup_only:
+            figures["startup"] = time_startup(resolve_model(cli_model), max(cli_runs, 1), Path(tmp) / "cli")
+            click.echo(format_startup(figures["startup"]))
     if as_json:
-        click.echo(json.dumps({"setup": asdict(setup), "medians": table, "fidelity": quality,
-                               "generate_cli_s": cli_times}))
+        click.echo(json.dumps(figures))
 
 
-if __name__ == "__main__":  # the subprocess of spawn_side
+def compare_with_diffusers(setup: Setup, runs: int, folder: Path) -> dict:
+    results: dict[str, list[dict]] = {"sfumato": [], "diffusers": []}
+    images = {side: folder / f"{side}.npy" for side in results}
+    for run in range(runs):
+        for side in results:  # alternate, so machine noise hits both sides alike
+            results[side].append(spawn_side(side, setup, images[side], cold=run == 0))
+            click.echo(f"run {run + 1}/{runs} {side}: {results[side][-1]['image_s']:.2f} s/image", err=True)
+    import numpy as np
+
+    quality = fidelity(np.load(images["sfumato"]), np.load(images["diffusers"]))
+    return {"medians": summarize(results), "fidelity": quality}
+
+
+if __name__ == "__main__":  # the subprocess of spawn
     request = json.loads(sys.argv[1])
-    result = run_side(request["side"], Setup(**{**request["setup"], "levers": tuple(request["setup"]["levers"])}),
-                      Path(request["image"]), request["cold"])
+    if request["side"] == "startup":
+        result = startup_phases(Path(request["model"]), Path(request["out"]), request["spawned"])
+    else:
+        result = run_side(request["side"], Setup(**{**request["setup"], "levers": tuple(request["setup"]["levers"])}),
+                          Path(request["image"]), request["cold"])
     print(json.dumps(result))

@@ -37,8 +37,9 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     data = resources.files("sfumato").joinpath("data", "tokenizer", BPE_FILE).read_bytes()
-    lines = gzip.decompress(data).decode("utf-8").split("\n")
-    merges = tuple(tuple(line.split()) for line in lines[1 : MERGE_COUNT + 1])  # line 0: header
+    # Split off only the lines used (line 0 is a header): the file has 262k merges, CLIP keeps 49k.
+    lines = gzip.decompress(data).decode("utf-8").split("\n", MERGE_COUNT + 1)[1 : MERGE_COUNT + 1]
+    merges = tuple([tuple(line.split()) for line in lines])
     byte_chars = list(bytes_to_unicode().values())
     tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
