@@ -229,7 +229,8 @@ def teach_command(model_path, shape, pattern, count, minutes, steps, rank, lr, b
                   "base_within_0.05": max(base_drop.values()) <= 0.05,
                   "mixed_ge_0.7": after["mixed"]["mixed"] >= 0.7,
                   "train_minutes_le_10": max(shape_minutes, pattern_minutes) <= 10},
-        "settings": {**options, "targets": list(options["targets"]), **settings, "base_limit": limit,
+        "settings": {**options, "targets": list(options["targets"]), "images_per_prompt": images_per_prompt,
+                     "sample_steps": sample_steps, "base_limit": limit,
                      "device": str(torch_device), "threads": torch.get_num_threads()},
         "loras": [str(shape_lora), str(pattern_lora)],
     }
