@@ -173,7 +173,9 @@ def run_side(side: str, setup: Setup, image_out: Path, cold: bool) -> dict:
     done = time.perf_counter()
     np.save(image_out, image)
     return {"import_s": imported - start, "load_s": loaded - imported, "image_s": done - loaded,
-            "unet_step_s": unet_timer.seconds / max(unet_timer.calls, 1), "unet_calls": unet_timer.calls,
+            # None when the UNet's forward never ran as such (the deepcache lever runs its blocks itself)
+            "unet_step_s": unet_timer.seconds / unet_timer.calls if unet_timer.calls else None,
+            "unet_calls": unet_timer.calls,
             "vae_decode_s": vae_timer.seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -339,11 +341,16 @@ FIELDS = [("image_s", "wall time per image (s)"), ("unet_step_s", "UNet step, co
           ("load_warm_s", "model load, warm cache (s)")]
 
 
+def _median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, float | None]]:
     """Medians per side; cold load = run 1, warm load = the median of the later runs."""
     table: dict[str, dict[str, float | None]] = {}
     for side, results in runs.items():
-        row = {key: statistics.median(r[key] for r in results)
+        row = {key: _median_or_none([r[key] for r in results])
                for key in ("image_s", "unet_step_s", "vae_decode_s", "peak_rss_mb", "import_s")}
         row["load_cold_s"] = results[0]["load_s"]
         row["load_warm_s"] = statistics.median(r["load_s"] for r in results[1:]) if len(results) > 1 else None
