@@ -61,6 +61,8 @@ def test_deepcache_skips_deep_blocks_on_most_calls_and_stays_close(tiny_model_di
     assert 0 < len(deep_calls) <= -(-PARAMS.steps // 3) + 1  # one full call in three
     assert 0 < (ours - reference).abs().max() < 0.5 * reference.abs().max()
     assert Levers.parse(["deepcache"]) == Levers(deepcache=True)
+    assert "Sfumato levers: deepcache" in pipe.generate(PARAMS)[0].infotext
+    assert "Sfumato levers" not in pipeline(tiny_model_dir, Levers()).generate(PARAMS)[0].infotext
 
 
 def test_bf16_autocast_runs_in_bf16(tiny_model_dir, plain):

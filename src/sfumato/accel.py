@@ -55,6 +55,10 @@ class Levers:
     def names(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name)]
 
+    def lossy_names(self) -> list[str]:
+        """The levers on that change the picture (recorded in its metadata)."""
+        return [name for name in ("int8", "bf16", "deepcache") if getattr(self, name)]
+
 
 def cpu_flags() -> set[str]:
     """The CPU feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""

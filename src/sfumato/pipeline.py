@@ -184,6 +184,8 @@ class Pipeline:
             extra["Denoising strength"] = f"{params.denoising_strength:g}"
         if lora_hashes:
             extra["Lora hashes"] = ", ".join(f"{n}: {h}" for n, h in lora_hashes.items())
+        if self.levers.lossy_names():  # the same seed gives another picture without them
+            extra["Sfumato levers"] = ", ".join(self.levers.lossy_names())
         text = infotext(one, seed=seed, width=width, height=height, model_name=self.model.name,
                         model_hash=self.model.hash, extra=extra)
         return GeneratedImage(image=image, seed=seed, params=one, infotext=text)
