@@ -124,7 +124,8 @@ class Pipeline:
 
         unet = self.unet
         if self.levers.deepcache:  # a fresh feature cache for every sampling run
-            unet = UNetDenoiser(DeepCacheUNet(self.model.unet), self.model.alphas_cumprod, self.model.prediction_type)
+            unet = UNetDenoiser(DeepCacheUNet(self.model.unet), self.model.alphas_cumprod,
+                                self.model.prediction_type)
         denoiser = one_image_at_a_time(cfg_denoiser(unet, cond, uncond, params.cfg_scale))
         total = len(sigmas) - 1
 

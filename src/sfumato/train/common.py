@@ -217,7 +217,8 @@ def make_trainable(run: Run, module: torch.nn.Module) -> Trainable:
     from diffusers.training_utils import EMAModel
 
     r = run.recipe
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=r["lr"], weight_decay=r.get("weight_decay", 0.0),
+    trained = [p for p in module.parameters() if p.requires_grad]  # e.g. a VAE's decoder alone
+    optimizer = torch.optim.AdamW(trained, lr=r["lr"], weight_decay=r.get("weight_decay", 0.0),
                                   betas=(0.9, r.get("beta2", 0.999)))
     module, optimizer = run.accelerator.prepare(module, optimizer)
     ema = None

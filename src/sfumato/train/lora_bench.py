@@ -103,13 +103,10 @@ def switch_command(megabytes: float, rounds: int) -> None:
     click.echo(json.dumps(switch_report(megabytes, rounds)))
 
 
-def concept_prompts(concept: str) -> list:
+def concept_prompts(suite: list, concept: str) -> list:
     """The suite's "concept" prompts that ask for this held-out shape or pattern."""
-    from sfumato.world.adherence import select_prompts
-    from sfumato.world.suite import read_suite
-
-    return [p for p in select_prompts(read_suite(), ["concept"])
-            if any(concept in (q.shape, q.pattern) for q in p.expectation.objects)]
+    return [p for p in suite if p.category == "concept"
+            and any(concept in (q.shape, q.pattern) for q in p.expectation.objects)]
 
 
 def mixed_prompts(shape: str, pattern: str, count: int = 8, seed: int = 0) -> list:
@@ -130,12 +127,12 @@ def mixed_prompts(shape: str, pattern: str, count: int = 8, seed: int = 0) -> li
 
 def scores(pipe, prompts: list, settings: dict) -> dict[str, float]:
     """Adherence per category of these prompts (and "overall" when there are several)."""
-    from sfumato.world.adherence import overall_score, run_adherence
+    from sfumato.world.adherence import run_adherence
 
     report = run_adherence(pipe, prompts, **settings)
     result = {k: round(v, 3) for k, v in report.scores().items()}
     if len(result) > 1:
-        result["overall"] = round(overall_score(report.scores()), 3)
+        result["overall"] = round(report.overall(), 3)
     return result
 
 
@@ -198,8 +195,9 @@ def teach_command(model_path, shape, pattern, count, minutes, steps, rank, lr, b
     model = load_model(model_path or BUILTIN_MODEL, device=torch_device)
     pipe = Pipeline(model, torch_device, torch.float32)
     settings = {"images_per_prompt": images_per_prompt, "steps": sample_steps, "seed": seed}
-    base = [p for p in select_prompts(read_suite(), limit=limit) if p.category not in EXCLUDED_FROM_OVERALL]
-    suites = {shape: concept_prompts(shape)[:limit], pattern: concept_prompts(pattern)[:limit],
+    suite = read_suite()
+    base = [p for p in select_prompts(suite, limit=limit) if p.category not in EXCLUDED_FROM_OVERALL]
+    suites = {shape: concept_prompts(suite, shape)[:limit], pattern: concept_prompts(suite, pattern)[:limit],
               "mixed": mixed_prompts(shape, pattern, limit, seed), "base": base}
     before = {name: scores(pipe, prompts, settings) for name, prompts in suites.items()}
 

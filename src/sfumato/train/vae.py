@@ -96,7 +96,8 @@ def kept_latent_scale(run: Run) -> float:
     if run.init_from:
         scale = saved_weights(run.init_from, "vae")[0]["scaling_factor"]
         atomic_write_text(note, json.dumps({"scaling_factor": scale, "init_from": str(run.init_from)}))
-    elif not note.exists():
+        return scale
+    if not note.exists():
         raise SfumatoError("train_encoder = false needs --init-from (the model whose encoder to keep)")
     return json.loads(note.read_text())["scaling_factor"]
 
