@@ -236,3 +236,18 @@ def test_decoder_only_vae_keeps_the_encoder_and_its_latent_scale(assembled: Path
         assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("vae.decoder."))
         scale = json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]
         assert scale == json.loads((assembled / "vae" / "config.json").read_text())["scaling_factor"]
+
+
+def test_offset_noise_makes_each_images_channel_means_unreliable():
+    # The seed must not pick the background: with the offset, the per-channel mean of the
+    # training noise varies as much as a background colour's shift would.
+    from sfumato.train.unet import offset_noise
+
+    shape = torch.Size((256, 4, 16, 16))
+    plain = offset_noise(shape, 0.0, torch.Generator().manual_seed(0), torch.device("cpu"))
+    offset = offset_noise(shape, 0.2, torch.Generator().manual_seed(0), torch.device("cpu"))
+    plain_mean_std = plain.mean(dim=(2, 3)).std().item()
+    offset_mean_std = offset.mean(dim=(2, 3)).std().item()
+    assert plain_mean_std == pytest.approx(1 / 16, rel=0.1)
+    assert offset_mean_std == pytest.approx((0.2**2 + 1 / 256) ** 0.5, rel=0.1)
+    assert torch.equal(plain, torch.randn(shape, generator=torch.Generator().manual_seed(0)))

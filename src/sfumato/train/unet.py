@@ -97,6 +97,19 @@ def generate(unet, text_encoder, tokenizer, vae, scheduler, prompts: list[str], 
 
 
 @torch.no_grad()
+def offset_noise(shape: torch.Size, offset: float, generator: torch.Generator, device: torch.device) -> Tensor:
+    """Gaussian noise plus `offset` x a per-image, per-channel constant (kohya's `noise_offset`).
+
+    SD's schedule leaves a little signal at t = 999, and on a 16x16 latent the mean of plain noise
+    varies little (std 1/16), so a model learns to read an image's mean colour off the noise
+    instead of off the prompt: then the seed, not the text, picks the background. The offset
+    makes that mean unreliable during training, so the prompt has to decide it."""
+    noise = torch.randn(shape, generator=generator, device=device)
+    if offset:
+        noise = noise + offset * torch.randn((*shape[:2], 1, 1), generator=generator, device=device)
+    return noise
+
+
 def validation_loss(unet, scheduler, latents: Tensor, context: Tensor, generator: torch.Generator) -> float:
     """Loss on fixed noise at evenly spread timesteps: comparable across runs and checkpoints."""
     timesteps = torch.linspace(0, 999, len(latents), device=latents.device).round().long()
@@ -146,7 +159,7 @@ def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
             context = text_encoder(batch["ids"]).last_hidden_state
         g, rows = run.generator(step), batch["rows"]
         latents = (mean[rows] + std[rows] * torch.randn(std[rows].shape, generator=g, device=run.device)) * scale
-        noise = torch.randn(latents.shape, generator=g, device=run.device)
+        noise = offset_noise(latents.shape, r.get("noise_offset", 0.0), g, run.device)
         timesteps = torch.randint(0, 1000, (len(latents),), generator=g, device=run.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
