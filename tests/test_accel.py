@@ -23,19 +23,21 @@ def latents_of(pipe: Pipeline) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def plain(tiny_model_dir):
-    pipe = pipeline(tiny_model_dir, Levers(channels_last=False))
+    pipe = pipeline(tiny_model_dir, Levers(channels_last=False, fp16_weights=False))
     return latents_of(pipe), np.asarray(pipe.generate(PARAMS)[0].image)
 
 
-def test_defaults_are_exact_levers_only():
-    assert Levers() == Levers(channels_last=True, compile=False, int8=False, bf16=False)
+def test_defaults_are_exact_or_near_exact_levers_only():
+    assert Levers() == Levers(channels_last=True, fp16_weights=True, compile=False, int8=False, bf16=False,
+                              deepcache=False)
+    assert Levers().lossy_names() == []
     assert Levers.parse(["int8", "no-channels_last"]) == Levers(channels_last=False, int8=True)
     with pytest.raises(ParamError, match="allowed: channels_last"):
         Levers.parse(["turbo"])
 
 
 def test_channels_last_leaves_outputs_equal(tiny_model_dir, plain):
-    pipe = pipeline(tiny_model_dir, Levers(channels_last=True))
+    pipe = pipeline(tiny_model_dir, Levers(channels_last=True, fp16_weights=False))
     conv = pipe.model.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     latents, image = plain
@@ -119,3 +121,23 @@ def test_compile_wraps_only_the_unet_forward(tiny_model_dir):
     accel.prepare(model, Levers(channels_last=False, compile=True))
     assert model.unet.forward is not eager and model.unet.forward.__wrapped__ == eager  # compiled lazily
     assert "forward" not in vars(model.vae)
+
+
+def test_fp16_weights_store_half_and_compute_in_float32(tiny_model_dir, tmp_path, plain):
+    from sfumato.checkpoints import export_single_file
+
+    single = tmp_path / "tiny.safetensors"
+    export_single_file(tiny_model_dir, single)  # fp32 on disk: read as converted copies
+    for source in (tiny_model_dir, single):
+        pipe = Pipeline.load(str(source), device="cpu", levers=Levers(fp16_weights=True))
+        unet, vae, [encoder] = pipe.model.unet, pipe.model.vae, pipe.model.text_encoders
+        assert unet.conv_in.weight.dtype == torch.float16 and vae.decoder.conv_out.weight.dtype == torch.float16
+        assert unet.dtype == vae.dtype == encoder.dtype == torch.float32  # what inputs are cast to
+        assert {p.dtype for m in (unet, vae, encoder) for n, p in m.named_parameters() if "norm" in n} == {
+            torch.float32}
+        ours, reference = latents_of(pipe), plain[0]
+        assert ours.dtype == torch.float32
+        # fp16 rounding of the weights alone: close to the fp32 path, not equal
+        assert 0 < (ours - reference).abs().max() < 0.05 * reference.abs().max()
+    with_int8 = pipeline(tiny_model_dir, Levers(fp16_weights=True, int8=True))  # int8 wins: fp32 in
+    assert with_int8.model.unet.conv_in.weight.dtype == torch.float32

@@ -434,3 +434,31 @@ def test_sha256_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     assert sha256_file(f) == hashlib.sha256(b"abc").hexdigest()
     os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # touched: hashed again
     assert sha256_file(f) == hashlib.sha256(b"xyz").hexdigest()
+
+
+def test_copying_reader_reads_what_safetensors_reads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = {"f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "ids": torch.arange(4),
+               "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
+               "big": torch.randn(checkpoints.CopyingReader.CHUNK_BYTES // 4 + 3)}  # > one chunk
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, path, metadata={"k": "v"})
+    reference = load_file(path)
+    reader = checkpoints.CopyingReader(path, torch.float16)
+    try:
+        for key, tensor in reference.items():
+            got = reader.get(key)
+            want = tensor.half() if tensor.is_floating_point() else tensor
+            assert got.dtype == want.dtype and torch.equal(got, want), key
+    finally:
+        reader.close()
+
+
+def test_weights_are_read_as_copies_only_when_converted(exported):
+    with checkpoints.open_weights(exported, dtype=torch.float16) as weights:
+        assert weights._copies is not None  # fp32 file, fp16 wanted: converted as read
+        key = weights.keys[0]
+        assert weights.get(key).dtype == torch.float16
+    with checkpoints.open_weights(exported, dtype=torch.float32) as weights:
+        assert weights._copies is None  # nothing to convert: views of the memory map

@@ -68,7 +68,7 @@ class Pipeline:
         self.model = model
         self.device = device
         self.dtype = dtype
-        self.levers = levers or accel.Levers(channels_last=False)  # what prepare() applied
+        self.levers = levers or accel.Levers(channels_last=False, fp16_weights=False)  # what prepare() applied
         self.lora_dir = Path(lora_dir) if lora_dir else None
         self.allow_lora_paths = allow_lora_paths  # False: LoRA names resolve only inside lora_dir
         self.text = TextEncoder(model.tokenizers, model.text_encoders, model.family)
@@ -84,10 +84,10 @@ class Pipeline:
         torch_device = pick_device(device)
         dtype = dtype or default_dtype(torch_device)
         levers = levers or accel.Levers()
-        loaded = load_model(model or BUILTIN_MODEL, vae=vae, device=torch_device, dtype=dtype,
-                            allow_pickle=allow_pickle)
-        return cls(accel.prepare(loaded, levers, torch_device), torch_device, dtype, lora_dir, levers,
-                   allow_lora_paths)
+        loaded = load_model(model or BUILTIN_MODEL, vae=vae, device=torch_device,
+                            dtype=levers.weights_dtype(dtype), allow_pickle=allow_pickle)
+        return cls(accel.prepare(loaded, levers, torch_device, dtype), torch_device, dtype, lora_dir,
+                   levers, allow_lora_paths)
 
     def generate(self, params: GenerationParams | None = None, *, callback: StepCallback | None = None,
                  init_image: Image.Image | None = None, **kwargs) -> list[GeneratedImage]:
