@@ -241,7 +241,7 @@ def test_decoder_only_vae_keeps_the_encoder_and_its_latent_scale(assembled: Path
 def test_offset_noise_makes_each_images_channel_means_unreliable():
     # The seed must not pick the background: with the offset, the per-channel mean of the
     # training noise varies as much as a background colour's shift would.
-    from sfumato.train.unet import offset_noise
+    from sfumato.train.common import offset_noise
 
     shape = torch.Size((256, 4, 16, 16))
     plain = offset_noise(shape, 0.0, torch.Generator().manual_seed(0), torch.device("cpu"))

@@ -176,3 +176,15 @@ def test_teach_benchmark_trains_two_concepts_and_scores_them(tiny_model_dir, tmp
         assert len(captions) == 3 and all(concept in c for c in captions)
         tensors, metadata = read(out / f"{concept}.safetensors")
         assert metadata["ss_network_dim"] == "2" and any(k.endswith(".lora_down.weight") for k in tensors)
+
+
+def test_noise_offset_changes_the_training_noise_and_is_recorded(model, tmp_path):
+    from sfumato.train.lora import diffusion_loss
+
+    latents, hidden = torch.zeros(2, 4, 8, 8), torch.randn(2, 77, 32)
+    plain = diffusion_loss(model, latents, hidden, torch.Generator().manual_seed(3))
+    offset = diffusion_loss(model, latents, hidden, torch.Generator().manual_seed(3), noise_offset=0.5)
+    assert plain.item() != offset.item()
+    out = train_lora(model, TrainConfig(images=write_images(tmp_path / "images"), out=tmp_path / "o.safetensors",
+                                        steps=1, noise_offset=0.2, progress=False))
+    assert read(out)[1]["ss_noise_offset"] == "0.2"

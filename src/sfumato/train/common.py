@@ -375,3 +375,16 @@ def loss_summary(run: Run, t: Trainable) -> dict:
 
 def param_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def offset_noise(shape: torch.Size, offset: float, generator: torch.Generator, device: torch.device) -> Tensor:
+    """Gaussian noise plus `offset` x a per-image, per-channel constant (kohya's `noise_offset`).
+
+    SD's schedule leaves a little signal at t = 999, and on a 16x16 latent the mean of plain noise
+    varies little (std 1/16), so a model learns to read an image's mean colour off the noise
+    instead of off the prompt: then the seed, not the text, picks the background. The offset
+    makes that mean unreliable during training, so the prompt has to decide it."""
+    noise = torch.randn(shape, generator=generator, device=device)
+    if offset:
+        noise = noise + offset * torch.randn((*shape[:2], 1, 1), generator=generator, device=device)
+    return noise

@@ -21,6 +21,7 @@ from sfumato.commands import user_errors
 from sfumato.errors import LoraError
 from sfumato.files import write_bytes_atomic
 from sfumato.lora_formats import canonical_path
+from sfumato.train.common import offset_noise
 from sfumato.train.lora_data import Example, collect_examples, epoch_batches, load_pixels
 from sfumato.train.lora_export import (
     BASE_MODEL_VERSION,
@@ -63,6 +64,7 @@ class TrainConfig:
     save_every: int = 0
     resume: bool = False
     fp16: bool = False                # save the file in fp16 (half the size)
+    noise_offset: float = 0.0         # kohya's: match the base model's training (built-in: 0.2)
     max_minutes: float | None = None  # stop early (and save) after this much training time
     progress: bool = True
 
@@ -151,14 +153,15 @@ def encode_latents(vae, pixels: Tensor, generator: torch.Generator) -> Tensor:
     return (dist.mean + dist.std * noise - shift) * vae.config.scaling_factor
 
 
-def diffusion_loss(model, latents: Tensor, hidden: Tensor, generator: torch.Generator) -> Tensor:
+def diffusion_loss(model, latents: Tensor, hidden: Tensor, generator: torch.Generator,
+                   noise_offset: float = 0.0) -> Tensor:
     """SD's objective: noise the latents at a uniform timestep, predict eps (or v), MSE.
 
     Written out rather than via a diffusers scheduler: a Model carries alphas_cumprod, not a
     scheduler, and the forward process is these two lines."""
     b = latents.shape[0]
     t = torch.randint(0, len(model.alphas_cumprod), (b,), generator=generator)
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    noise = offset_noise(latents.shape, noise_offset, generator, torch.device("cpu")).to(latents)
     alpha_bar = model.alphas_cumprod[t].to(latents.device, torch.float32).view(b, 1, 1, 1)
     signal, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
     noisy = signal * latents + sigma * noise
@@ -286,7 +289,8 @@ class Run:
         captions = [self.examples[i].caption for i in batch]
         hidden = (encode_text(self.model, captions) if texts is None
                   else torch.stack([texts[c] for c in captions]))
-        loss = diffusion_loss(self.model, x0.to(device, dtype), hidden.to(device, dtype), self.generator)
+        loss = diffusion_loss(self.model, x0.to(device, dtype), hidden.to(device, dtype), self.generator,
+                              self.cfg.noise_offset)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -376,6 +380,8 @@ def train_lora(model, cfg: TrainConfig, examples: list[Example] | None = None) -
 @click.option("--save-every", default=0, type=click.IntRange(min=0), help="intermediate file every N steps")
 @click.option("--resume", is_flag=True, help="continue from OUT's .state.pt side file")
 @click.option("--fp16", is_flag=True, help="save the LoRA in fp16")
+@click.option("--noise-offset", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="kohya's noise offset; use the base model's (the built-in model's recipe: 0.2)")
 @click.option("--max-minutes", type=float, default=None, help="stop (and save) after this training time")
 @click.option("--device", default=None, help="cpu, cuda, mps [best available]")
 @user_errors

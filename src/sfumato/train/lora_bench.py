@@ -160,6 +160,8 @@ def teach_one(model, concept: str, folder: Path, count: int, options: dict) -> t
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--train-text-encoder", is_flag=True, help="adapt the text encoder too")
+@click.option("--noise-offset", default=0.2, show_default=True,
+              help="kohya's noise offset: the built-in model's recipe uses 0.2")
 @click.option("--images-per-prompt", default=4, show_default=True)
 @click.option("--limit", default=8, show_default=True, type=click.IntRange(min=1),
               help="at most N prompts per category (base suite, each concept, mixed)")
@@ -169,7 +171,7 @@ def teach_one(model, concept: str, folder: Path, count: int, options: dict) -> t
 @click.option("--device", default=None)
 @user_errors
 def teach_command(model_path, shape, pattern, count, minutes, steps, rank, lr, batch_size, train_text_encoder,
-                  images_per_prompt, limit, sample_steps, seed, out: Path, device) -> None:
+                  noise_offset, images_per_prompt, limit, sample_steps, seed, out: Path, device) -> None:
     """Teach a held-out shape and a held-out pattern (a LoRA each, from COUNT exported images).
 
     Scores, before and after: each concept's prompts (its LoRA alone), the base suite's categories
@@ -202,6 +204,7 @@ def teach_command(model_path, shape, pattern, count, minutes, steps, rank, lr, b
     before = {name: scores(pipe, prompts, settings) for name, prompts in suites.items()}
 
     options = {"steps": steps, "rank": rank, "lr": lr, "batch_size": batch_size, "seed": seed,
+               "noise_offset": noise_offset,
                "targets": ("attn", "ff"), "train_text_encoder": train_text_encoder, "max_minutes": minutes,
                "fp16": True}
     (shape_lora, shape_minutes), (pattern_lora, pattern_minutes) = (

@@ -23,6 +23,7 @@ from sfumato.train.common import (
     ema_weights,
     loss_summary,
     make_trainable,
+    offset_noise,
     param_count,
     save_grid,
     save_pretrained_atomic,
@@ -97,19 +98,6 @@ def generate(unet, text_encoder, tokenizer, vae, scheduler, prompts: list[str], 
 
 
 @torch.no_grad()
-def offset_noise(shape: torch.Size, offset: float, generator: torch.Generator, device: torch.device) -> Tensor:
-    """Gaussian noise plus `offset` x a per-image, per-channel constant (kohya's `noise_offset`).
-
-    SD's schedule leaves a little signal at t = 999, and on a 16x16 latent the mean of plain noise
-    varies little (std 1/16), so a model learns to read an image's mean colour off the noise
-    instead of off the prompt: then the seed, not the text, picks the background. The offset
-    makes that mean unreliable during training, so the prompt has to decide it."""
-    noise = torch.randn(shape, generator=generator, device=device)
-    if offset:
-        noise = noise + offset * torch.randn((*shape[:2], 1, 1), generator=generator, device=device)
-    return noise
-
-
 def validation_loss(unet, scheduler, latents: Tensor, context: Tensor, generator: torch.Generator) -> float:
     """Loss on fixed noise at evenly spread timesteps: comparable across runs and checkpoints."""
     timesteps = torch.linspace(0, 999, len(latents), device=latents.device).round().long()
