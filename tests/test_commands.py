@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from sfumato.cli import cli
@@ -22,9 +23,10 @@ def test_generate_writes_pngs_with_parameters(tiny_model_dir, tmp_path):
     assert json.loads(chunks["sfumato"])["seed"] == 10
 
 
-def test_generate_from_png_recreates_the_image(tiny_model_dir, tmp_path):
-    first = run("generate", "a blue ring", "--model", tiny_model_dir, "--seed", 4, "--steps", 3,
-                "-W", 64, "-H", 64, "--sampler", "Euler a", "--out", tmp_path / "a")
+@pytest.mark.parametrize("levers", [[], ["--lever", "deepcache"]])
+def test_generate_from_png_recreates_the_image(tiny_model_dir, tmp_path, levers):
+    first = run("generate", "a blue ring", "--model", tiny_model_dir, "--seed", 4, "--steps", 6,
+                "-W", 64, "-H", 64, "--sampler", "Euler a", "--out", tmp_path / "a", *levers)
     assert first.exit_code == 0, first.output
     [original] = (tmp_path / "a").glob("*.png")
     again = run("generate", "--from", original, "--model", tiny_model_dir, "--out", tmp_path / "b")
@@ -32,7 +34,14 @@ def test_generate_from_png_recreates_the_image(tiny_model_dir, tmp_path):
     [copy] = (tmp_path / "b").glob("*.png")
     from PIL import Image
 
-    assert Image.open(original).tobytes() == Image.open(copy).tobytes()
+    assert Image.open(original).tobytes() == Image.open(copy).tobytes()  # lossy levers re-applied
+    assert ("Sfumato levers: deepcache" in read_png_text(copy)["parameters"]) == bool(levers)
+    if levers:  # and the command line can still turn them off: another picture
+        plain = run("generate", "--from", original, "--model", tiny_model_dir, "--out", tmp_path / "c",
+                    "--lever", "no-deepcache")
+        assert plain.exit_code == 0, plain.output
+        [other] = (tmp_path / "c").glob("*.png")
+        assert Image.open(other).tobytes() != Image.open(original).tobytes()
 
 
 def test_bad_input_exits_2_without_traceback(tiny_model_dir, tmp_path):

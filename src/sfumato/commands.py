@@ -81,6 +81,8 @@ def generate(ctx: click.Context, prompt: str | None, model, vae, loras, lora_dir
     from sfumato.params import GenerationParams
 
     params = _params_from_png(from_png) if from_png else None
+    if from_png:  # the lossy levers it was made with, unless the command line turns them off
+        levers = (*_levers_from_png(from_png), *levers)
     if params is None and prompt is None:
         raise SfumatoError("give a PROMPT (or --from IMAGE.png)")
     chosen = {OPTION_FIELDS[name]: value for name, value in options.items()
@@ -114,6 +116,12 @@ def _params_from_png(path: str):
     from sfumato.metadata import params_from_png
 
     return params_from_png(path)
+
+
+def _levers_from_png(path: str) -> list[str]:
+    from sfumato.metadata import levers_from_png
+
+    return levers_from_png(path)
 
 
 def _open_image(path: str):

@@ -21,6 +21,7 @@ from sfumato.files import atomic_path
 from sfumato.params import GenerationParams
 
 JSON_CHUNK = "sfumato"
+LEVERS_KEY = "Sfumato levers"  # the lossy speed levers an image was made with
 # One "Key: value" pair of the last infotext line; values may be quoted (A1111's own regex idea).
 PAIR = re.compile(r'\s*([\w][\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
@@ -126,6 +127,14 @@ def params_from_png(path: str | Path) -> GenerationParams:
     if "parameters" in chunks:
         return params_from_infotext(chunks["parameters"])
     raise SfumatoError(f"{path}: no generation parameters in this PNG (no 'parameters' chunk)")
+
+
+def levers_from_png(path: str | Path) -> list[str]:
+    """The lossy speed levers a PNG was made with ("Sfumato levers" in its infotext), if any:
+    `generate --from` applies them again, since the same seed gives another picture without them."""
+    text = read_png_text(path).get("parameters", "")
+    value = parse_infotext(text).get(LEVERS_KEY, "") if text else ""
+    return [name.strip() for name in str(value).split(",") if name.strip()]
 
 
 def _number(x: float) -> str:

@@ -20,7 +20,7 @@ from sfumato.checkpoints import BUILTIN_MODEL, Model, load_model
 from sfumato.deepcache import DeepCacheUNet
 from sfumato.denoiser import Conditioning, UNetDenoiser, cfg_denoiser
 from sfumato.errors import ParamError
-from sfumato.metadata import infotext
+from sfumato.metadata import LEVERS_KEY, infotext
 from sfumato.params import GenerationParams
 from sfumato.prompt import extract_lora_tags
 from sfumato.sampling import get_sigmas, sample
@@ -186,7 +186,7 @@ class Pipeline:
         if lora_hashes:
             extra["Lora hashes"] = ", ".join(f"{n}: {h}" for n, h in lora_hashes.items())
         if self.levers.lossy_names():  # the same seed gives another picture without them
-            extra["Sfumato levers"] = ", ".join(self.levers.lossy_names())
+            extra[LEVERS_KEY] = ", ".join(self.levers.lossy_names())
         text = infotext(one, seed=seed, width=width, height=height, model_name=self.model.name,
                         model_hash=self.model.hash, extra=extra)
         return GeneratedImage(image=image, seed=seed, params=one, infotext=text)
