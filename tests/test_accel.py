@@ -135,8 +135,10 @@ def test_fp16_weights_store_half_and_compute_in_float32(tiny_model_dir, tmp_path
         assert unet.dtype == vae.dtype == encoder.dtype == torch.float32  # what inputs are cast to
         assert {p.dtype for m in (unet, vae, encoder) for n, p in m.named_parameters() if "norm" in n} == {
             torch.float32}
+        resting = unet.conv_in.weight.data_ptr()
         ours, reference = latents_of(pipe), plain[0]
         assert ours.dtype == torch.float32
+        assert unet.conv_in.weight.data_ptr() == resting  # the fp16 tensor put back, not cast again
         # fp16 rounding of the weights alone: close to the fp32 path, not equal
         assert 0 < (ours - reference).abs().max() < 0.05 * reference.abs().max()
     with_int8 = pipeline(tiny_model_dir, Levers(fp16_weights=True, int8=True))  # int8 wins: fp32 in

@@ -99,6 +99,8 @@ def prepare(model, levers: Levers = Levers(), device: torch.device | str = "cpu"
     Text encoders stay as loaded (they run once per prompt, a few ms), but for fp16_weights."""
     device = torch.device(device)
     if levers.weights_dtype(compute_dtype) != compute_dtype:
+        from sfumato.weight_casting import compute_layers_in
+
         for module in (model.unet, model.vae, *model.text_encoders):
             compute_layers_in(module, compute_dtype)
     if levers.channels_last:
@@ -113,25 +115,6 @@ def prepare(model, levers: Levers = Levers(), device: torch.device | str = "cpu"
         # Only the UNet: it runs steps x images times; the VAE once per image.
         model.unet.forward = torch.compile(model.unet.forward, dynamic=False)
     return model
-
-
-def compute_layers_in(module: torch.nn.Module, compute_dtype: torch.dtype) -> None:
-    """Keep the weights of the Linear and Conv2d layers (nearly all of them) in the dtype they were
-    loaded in, and cast each to `compute_dtype` only while it runs (diffusers' layerwise casting:
-    a diffusers model's .dtype then reports `compute_dtype`). The rest (norms, embeddings) moves to
-    `compute_dtype` now; a CLIP text model reports the dtype of its token embedding as its own, and
-    diffusers pipelines cast the prompt embeddings to it."""
-    from diffusers.hooks import apply_layerwise_casting_hook
-
-    for layer in module.modules():
-        if isinstance(layer, torch.nn.Linear | torch.nn.Conv2d):
-            storage = layer.weight.dtype
-            if storage != compute_dtype:
-                apply_layerwise_casting_hook(layer, storage, compute_dtype, non_blocking=False)
-            continue
-        for tensor in [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]:
-            if tensor.is_floating_point():
-                tensor.data = tensor.data.to(compute_dtype)
 
 
 def quantize_linear_int8(module: torch.nn.Module) -> torch.nn.Module:

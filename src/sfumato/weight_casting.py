@@ -1,0 +1,50 @@
+"""The fp16_weights lever: Linear and Conv2d weights rest in fp16 and are cast to fp32 while their
+layer runs, so a model takes half the memory and still computes in fp32 (see sfumato.accel).
+
+diffusers' layerwise casting does this, but after each forward it casts the fp32 weights back to
+fp16: the same values it started from, at the cost of a second pass over every weight per call.
+This hook keeps the fp16 tensors aside and puts them back instead. It subclasses diffusers' hook
+and registers under its name, so a diffusers model's .dtype still reports the compute dtype."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.hooks import HookRegistry
+from diffusers.hooks.layerwise_casting import LayerwiseCastingHook
+
+HOOK_NAME = "layerwise_casting"  # the name diffusers' ModelMixin.dtype looks for
+
+
+class CastWhileRunning(LayerwiseCastingHook):
+    def __init__(self, storage_dtype: torch.dtype, compute_dtype: torch.dtype):
+        super().__init__(storage_dtype, compute_dtype, non_blocking=False)
+        self.resting: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        self.resting = [(p, p.data) for p in module.parameters(recurse=False)]
+        for parameter, data in self.resting:
+            parameter.data = data.to(self.compute_dtype)
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output):
+        for parameter, data in self.resting:
+            parameter.data = data
+        self.resting = []
+        return output
+
+
+def compute_layers_in(module: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """Keep the weights of the Linear and Conv2d layers (nearly all of them) in the dtype they were
+    loaded in, cast to `compute_dtype` only while each runs. The rest (norms, embeddings) moves to
+    `compute_dtype` now: a CLIP text model reports its token embedding's dtype as its own, and
+    diffusers pipelines cast the prompt embeddings to it."""
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Linear | torch.nn.Conv2d):
+            storage = layer.weight.dtype
+            if storage != compute_dtype:
+                registry = HookRegistry.check_if_exists_or_initialize(layer)
+                registry.register_hook(CastWhileRunning(storage, compute_dtype), HOOK_NAME)
+            continue
+        for tensor in [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]:
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.to(compute_dtype)
