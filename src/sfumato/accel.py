@@ -11,9 +11,10 @@ to plain fp32 eager (9.4 s):
   int8            lossy   0.75x  dynamic int8 nn.Linear (attention, feed-forward); eps max err 0.03
   bf16            lossy   9.1x   bf16 autocast: slower without avx512_bf16 / AMX (see has_fast_bf16)
   compile         exact   -      torch.compile (Inductor); compiling costs minutes per shape
-  fp16_weights    near    1.13x  weights stored in fp16, each layer cast to fp32 as it runs: peak
-                  exact          RSS 0.5x (SD1.5 load: 2.5 GB, from 4.9); one 512x512 UNet call, 1
-                                 thread, machine loaded, median of 4: 21.9 s against 19.0 s
+  fp16_weights    near    1.08x  weights stored in fp16, each layer cast to fp32 as it runs
+                  exact          (sfumato.weight_casting): SD1.5 loads in 2.5 GB, not 4.9; one
+                                 512x512 UNet call, 1 thread, machine loaded, median of 4: 18.7 s
+                                 against 17.2 s; outputs' relative RMS change 7e-4 (fp32 file)
   deepcache       lossy   ~0.5x  DeepCache, interval 3: a cached SD1.5 call costs ~0.22x of a full one
                                  (256x256, this machine under load); see sfumato.deepcache
 
