@@ -97,7 +97,8 @@ def _require_exists(path: Path) -> None:
 # safetensors' dtype names (its format spec) -> torch dtypes
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 class CopyingReader:
@@ -123,7 +124,10 @@ class CopyingReader:
 
     def get(self, key: str) -> Tensor:
         entry = self.entries[key]
-        stored = SAFETENSORS_DTYPES[entry["dtype"]]
+        stored = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if stored is None:
+            raise CheckpointError(f"{key} is stored as {entry['dtype']}, a dtype sfumato can't read; "
+                                  f"it reads {', '.join(SAFETENSORS_DTYPES)}.")
         wanted = self.dtype if stored.is_floating_point else stored
         out = torch.empty(entry["shape"], dtype=wanted)
         begin, end = entry["data_offsets"]
