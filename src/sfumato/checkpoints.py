@@ -145,18 +145,13 @@ class CopyingReader:
             done += n // item
         return out
 
+    def converts_any(self) -> bool:
+        """Whether any floating-point tensor of the file is stored in another dtype than `dtype`."""
+        stored = {SAFETENSORS_DTYPES.get(e["dtype"]) for e in self.entries.values()}
+        return any(d is not None and d.is_floating_point and d != self.dtype for d in stored)
+
     def close(self) -> None:
         self._file.close()
-
-
-def _needs_conversion(path: Path, dtype: torch.dtype) -> bool:
-    """Whether any floating-point tensor of the file is stored in another dtype than `dtype`."""
-    reader = CopyingReader(path, dtype)
-    try:
-        stored = {SAFETENSORS_DTYPES.get(e["dtype"]) for e in reader.entries.values()}
-    finally:
-        reader.close()
-    return any(d is not None and d.is_floating_point and d != dtype for d in stored)
 
 
 @contextlib.contextmanager
@@ -179,7 +174,10 @@ def open_weights(path: Path, *, allow_pickle: bool = False,
         raise CheckpointError(
             f"{path} is not a readable .safetensors file ({e}). It may be truncated (an "
             "interrupted download) or another kind of file; re-download or re-export it.") from None
-    copies = CopyingReader(path, dtype) if dtype is not None and _needs_conversion(path, dtype) else None
+    copies = CopyingReader(path, dtype) if dtype is not None else None
+    if copies is not None and not copies.converts_any():
+        copies.close()
+        copies = None
     try:
         with handle:
             yield Weights(handle, metadata, copies)

@@ -72,7 +72,8 @@ OPTION_FIELDS = {
 @click.option("--device", help="cpu | cuda | cuda:N | mps; default: best available.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .ckpt/.pt (loaded with weights_only=True).")
 @click.option("--lever", "levers", multiple=True,
-              help="Speed lever, repeatable: deepcache, int8, bf16 (lossy), fp16_weights (half the memory), compile; no-NAME turns one off.")
+              help="Speed lever, repeatable: deepcache, int8, bf16 (lossy), compile; no-NAME turns one "
+                   "off (e.g. no-fp16_weights, on by default on the CPU: half the memory).")
 @click.pass_context
 @user_errors
 def generate(ctx: click.Context, prompt: str | None, model, vae, loras, lora_dir, init_image,
