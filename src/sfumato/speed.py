@@ -5,9 +5,10 @@ side's alone; sides alternate (s, d, s, d, ...) so that load from other users of
 hits both alike: compare the ratios, not the absolute times. Run 1 of each side loads with the
 weights evicted from the page cache ("cold"); later runs find them cached ("warm").
 
-The diffusers side is the fp32 eager reference: StableDiffusionPipeline loaded the stock way
+The diffusers side is the reference: StableDiffusionPipeline loaded the stock way
 (from_pretrained / from_single_file), EulerDiscreteScheduler with Karras sigmas and "linspace"
 spacing (what sfumato's "Euler" + "karras" computes), the same seeded noise, steps, size, CFG.
+It runs fp32 eager on the CPU and fp16 on CUDA (what each user of diffusers runs there).
 """
 
 from __future__ import annotations
@@ -141,17 +142,20 @@ def evict_from_page_cache(path: Path) -> None:
 
 
 class ModuleTimer:
-    """Wall time spent inside a module's forward, summed over calls."""
+    """Wall time spent inside a module's forward, summed over calls. `sync` waits for queued GPU
+    work (CUDA runs asynchronously: without it a forward would seem to take no time)."""
 
-    def __init__(self, module):
-        self.calls, self.seconds, self._start = 0, 0.0, 0.0
+    def __init__(self, module, sync=lambda: None):
+        self.calls, self.seconds, self._start, self._sync = 0, 0.0, 0.0, sync
         module.register_forward_pre_hook(lambda *_: self._begin())
         module.register_forward_hook(lambda *_: self._end())
 
     def _begin(self) -> None:
+        self._sync()
         self._start = time.perf_counter()
 
     def _end(self) -> None:
+        self._sync()
         self.calls += 1
         self.seconds += time.perf_counter() - self._start
 
@@ -159,7 +163,10 @@ class ModuleTimer:
 def run_side(side: str, setup: Setup, image_out: Path, cold: bool) -> dict:
     """Load, generate one image, report timings (the body of the subprocess)."""
     import numpy as np
+    import torch
 
+    cuda = setup.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else lambda: None
     path = Path(setup.model)
     if cold:
         evict_from_page_cache(path)
@@ -168,8 +175,9 @@ def run_side(side: str, setup: Setup, image_out: Path, cold: bool) -> dict:
     imported = time.perf_counter()
     pipe, unet, vae = load(path)
     loaded = time.perf_counter()
-    unet_timer, vae_timer = ModuleTimer(unet), ModuleTimer(vae.decoder)
+    unet_timer, vae_timer = ModuleTimer(unet, sync), ModuleTimer(vae.decoder, sync)
     image = generate(pipe)  # (H, W, 3) uint8
+    sync()
     done = time.perf_counter()
     np.save(image_out, image)
     return {"import_s": imported - start, "load_s": loaded - imported, "image_s": done - loaded,
@@ -177,7 +185,8 @@ def run_side(side: str, setup: Setup, image_out: Path, cold: bool) -> dict:
             "unet_step_s": unet_timer.seconds / unet_timer.calls if unet_timer.calls else None,
             "unet_calls": unet_timer.calls,
             "vae_decode_s": vae_timer.seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
 
 
 def _sfumato_side(setup: Setup):
@@ -209,7 +218,8 @@ def _diffusers_side(setup: Setup):
     from sfumato.text import load_clip_tokenizer
 
     stock = {"tokenizer": load_clip_tokenizer(), "safety_checker": None, "feature_extractor": None,
-             "requires_safety_checker": False, "local_files_only": True, "torch_dtype": torch.float32}
+             "requires_safety_checker": False, "local_files_only": True,
+             "torch_dtype": torch.float16 if setup.device.startswith("cuda") else torch.float32}
 
     def load(path: Path):
         if path.is_dir():
@@ -337,6 +347,7 @@ def fidelity(ours, reference) -> dict:
 
 FIELDS = [("image_s", "wall time per image (s)"), ("unet_step_s", "UNet step, cond+uncond (s)"),
           ("vae_decode_s", "VAE decode (s)"), ("peak_rss_mb", "peak RSS (MB)"),
+          ("peak_gpu_mb", "peak GPU memory (MB)"),
           ("import_s", "library imports (s)"), ("load_cold_s", "model load, cold cache (s)"),
           ("load_warm_s", "model load, warm cache (s)")]
 
@@ -350,8 +361,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, float | None]]
     """Medians per side; cold load = run 1, warm load = the median of the later runs."""
     table: dict[str, dict[str, float | None]] = {}
     for side, results in runs.items():
-        row = {key: _median_or_none([r[key] for r in results])
-               for key in ("image_s", "unet_step_s", "vae_decode_s", "peak_rss_mb", "import_s")}
+        row = {key: _median_or_none([r.get(key) for r in results])
+               for key in ("image_s", "unet_step_s", "vae_decode_s", "peak_rss_mb", "peak_gpu_mb", "import_s")}
         row["load_cold_s"] = results[0]["load_s"]
         row["load_warm_s"] = statistics.median(r["load_s"] for r in results[1:]) if len(results) > 1 else None
         table[side] = row
@@ -367,10 +378,13 @@ def format_report(setup: Setup, table: dict, quality: dict) -> str:
              f"{','.join(setup.levers) or 'default'}",
              f"{'median of runs':<30}{'sfumato':>10}{'diffusers':>11}{'ratio':>8}"]
     for key, label in FIELDS:
+        if key == "peak_gpu_mb" and not setup.device.startswith("cuda"):
+            continue
         ours, theirs = table["sfumato"][key], table["diffusers"][key]
         ratio = f"{ours / theirs:.2f}" if ours is not None and theirs else "-"
         lines.append(f"{label:<30}{cell(ours):>10}{cell(theirs):>11}{ratio:>8}")
-    lines.append(f"fidelity vs fp32 eager diffusers: PSNR {quality['psnr_db']:.1f} dB, "
+    reference = "fp16 diffusers" if setup.device.startswith("cuda") else "fp32 eager diffusers"
+    lines.append(f"fidelity vs {reference}: PSNR {quality['psnr_db']:.1f} dB, "
                  f"max abs diff {quality['max_abs_diff']:.4f} (of 1)")
     return "\n".join(lines)
 
