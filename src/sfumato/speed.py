@@ -236,7 +236,7 @@ def _diffusers_side(setup: Setup):
         factor = pipe.vae_scale_factor
         noise = torch.randn((1, pipe.unet.config.in_channels, setup.size // factor, setup.size // factor),
                             generator=torch.Generator("cpu").manual_seed(setup.seed))
-        image = pipe(PROMPT, negative_prompt=NEGATIVE, latents=noise.to(setup.device),
+        image = pipe(PROMPT, negative_prompt=NEGATIVE, latents=noise.to(setup.device, pipe.unet.dtype),
                      num_inference_steps=setup.steps, guidance_scale=setup.cfg, height=setup.size,
                      width=setup.size, output_type="np").images[0]
         return (image * 255).round().astype(np.uint8)
