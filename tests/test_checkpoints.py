@@ -91,6 +91,19 @@ def test_tiny_folder_loads(tiny, tiny_model):
     assert not m.unet.training and next(m.unet.parameters()).dtype == torch.float32
 
 
+def test_zero_terminal_snr_schedule_matches_diffusers_but_keeps_sigma_max_finite():
+    from diffusers import DDPMScheduler
+
+    config = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+              "rescale_betas_zero_snr": True}
+    ours = checkpoints.alphas_cumprod(config)
+    reference = DDPMScheduler(**config).alphas_cumprod  # ends at exactly 0: sigma_max = infinity
+    assert reference[-1] == 0
+    torch.testing.assert_close(ours[:-1].float(), reference[:-1], rtol=1e-5, atol=1e-6)
+    assert ours[-1] == checkpoints.ZERO_SNR_LAST_ALPHA_BAR  # sigma_max ~ 4519, as A1111
+    assert not torch.allclose(ours, checkpoints.alphas_cumprod({**config, "rescale_betas_zero_snr": False}))
+
+
 def test_export_and_reload_reproduces_every_tensor(tiny_model, exported):
     out = exported
     with safe_open(str(out), "pt") as f:

@@ -1,3 +1,6 @@
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -74,6 +77,25 @@ def test_img2img_keeps_the_init_image_at_low_strength(pipe):
     distance = [np.abs(np.asarray(x.image, float) - np.asarray(reconstruction, float)).mean()
                 for x in (low, high)]
     assert distance[0] < distance[1]
+
+
+def test_a_zero_terminal_snr_v_prediction_model_samples_from_pure_noise(tiny_model_dir, tmp_path):
+    def v_prediction_model(name: str, zero_snr: bool):
+        folder = shutil.copytree(tiny_model_dir, tmp_path / name)
+        config_file = folder / "scheduler" / "scheduler_config.json"
+        config = json.loads(config_file.read_text())
+        config_file.write_text(json.dumps({**config, "prediction_type": "v_prediction",
+                                           "rescale_betas_zero_snr": zero_snr}))
+        return sfumato.load(str(folder), device="cpu")
+
+    zsnr, plain = v_prediction_model("zsnr", True), v_prediction_model("plain", False)
+    assert zsnr.model.prediction_type == "v_prediction"
+    assert zsnr.model.alphas_cumprod[-1] < 1e-7 < plain.model.alphas_cumprod[-1]
+    kwargs = dict(prompt="a red star", seed=3, steps=4, width=64, height=64)
+    for sampler in ("Euler", "DPM++ 2M"):
+        image = pixels(zsnr.generate(sampler=sampler, **kwargs))[0]
+        assert image.std() > 0  # finite, not a flat NaN-black image
+        assert not np.array_equal(image, pixels(plain.generate(sampler=sampler, **kwargs))[0])
 
 
 def test_bad_params_raise_a_clear_error(pipe):

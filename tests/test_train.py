@@ -147,6 +147,15 @@ def test_shipped_recipes_fit_the_size_budget():
         assert decoder["train_encoder"] is False and decoder["data"]["crop"] == 0 < first["data"]["crop"]
 
 
+def test_zero_terminal_snr_needs_v_prediction():
+    from sfumato.train.unet import build_scheduler
+
+    with pytest.raises(SfumatoError, match="v_prediction"):
+        build_scheduler("epsilon", zero_terminal_snr=True)
+    scheduler = build_scheduler("v_prediction", zero_terminal_snr=True)
+    assert scheduler.alphas_cumprod[-1] == 0  # the last training step is pure noise
+
+
 def test_unknown_recipe_is_a_user_error():
     with pytest.raises(SfumatoError, match="no training recipe"):
         load_recipe("no-such-recipe", gpu=False)

@@ -502,7 +502,25 @@ def alphas_cumprod(scheduler: dict) -> Tensor:
     else:
         raise CheckpointError(f"Unsupported beta_schedule {schedule!r}; sfumato knows "
                               "'scaled_linear' and 'linear'.")
+    if scheduler.get("rescale_betas_zero_snr"):
+        return zero_terminal_snr(betas)
     return torch.cumprod(1.0 - betas, dim=0)
+
+
+# What A1111 puts in place of a zero-SNR schedule's last alpha_bar = 0: sigma_max ~ 4500 instead of
+# infinity, so that sigma-space samplers can start there (x = noise * sigma_max).
+ZERO_SNR_LAST_ALPHA_BAR = 4.8973451890853435e-08
+
+
+def zero_terminal_snr(betas: Tensor) -> Tensor:
+    """alphas_cumprod rescaled to end at zero SNR (Lin et al. 2024, arXiv:2305.08891; diffusers'
+    `rescale_betas_zero_snr`): the last step is pure noise, so the start of sampling carries none
+    of an image's signal. Needs a v-prediction model (at zero SNR epsilon says nothing of x0)."""
+    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+
+    alphas_cumprod = torch.cumprod(1.0 - rescale_zero_terminal_snr(betas), dim=0)
+    alphas_cumprod[-1] = ZERO_SNR_LAST_ALPHA_BAR
+    return alphas_cumprod
 
 
 def _tokenizers(pad_tokens: list[str]) -> list:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sfumato.errors import SfumatoError
 from sfumato.train.assemble import load_saved
 from sfumato.train.common import (
     EVAL_KEY,
@@ -55,12 +56,17 @@ def build_unet(model: dict, cross_attention_dim: int, sample_size: int):
     )
 
 
-def build_scheduler(prediction_type: str):
-    """SD's training noise schedule."""
+def build_scheduler(prediction_type: str, zero_terminal_snr: bool = False):
+    """SD's training noise schedule; optionally rescaled to zero SNR at its last step
+    (`checkpoints.zero_terminal_snr`), which only a v-prediction model can be trained on."""
     from diffusers import DDPMScheduler
 
+    if zero_terminal_snr and prediction_type != "v_prediction":
+        raise SfumatoError(f"zero_terminal_snr needs prediction_type = \"v_prediction\", not {prediction_type!r}: "
+                           "at zero SNR the noise says nothing about the image")
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                         beta_schedule="scaled_linear", clip_sample=False, prediction_type=prediction_type)
+                         beta_schedule="scaled_linear", clip_sample=False, prediction_type=prediction_type,
+                         rescale_betas_zero_snr=zero_terminal_snr)
 
 
 @torch.no_grad()
@@ -86,7 +92,8 @@ def generate(unet, text_encoder, tokenizer, vae, scheduler, prompts: list[str], 
     from diffusers import DDIMScheduler
 
     device = next(unet.parameters()).device
-    ddim = DDIMScheduler.from_config(scheduler.config)
+    # "trailing": the first step at t = 999, where a zero-SNR schedule's pure noise is
+    ddim = DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing")
     ddim.set_timesteps(steps)
     context = text_hidden(text_encoder, tokenizer, [""] * len(prompts) + prompts, device)
     size = unet.config.sample_size
@@ -121,6 +128,7 @@ def load_frozen(vae_dir: Path, clip_dir: Path, device: torch.device):
 
 def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
     r, data = run.recipe, run.recipe["data"]
+    scheduler = build_scheduler(r.get("prediction_type", "epsilon"), r.get("zero_terminal_snr", False))
     pool, scenes = render_pool(run.seed, data["train_scenes"], "train", data["size"], data.get("workers", 0))
     vae, text_encoder = load_frozen(vae_dir, clip_dir, run.device)
     tokenizer = load_tokenizer()
@@ -128,7 +136,6 @@ def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
         mean, std = encode_latents(vae, pool, run.device)
     del pool  # only latents are needed from here on
     scale = vae.config.scaling_factor
-    scheduler = build_scheduler(r.get("prediction_type", "epsilon"))
     unet = build_unet(r["model"], text_encoder.config.hidden_size, mean.shape[-1])
     if run.init_from:
         load_saved(unet, run.init_from, "unet")
