@@ -123,8 +123,10 @@ def test_compile_wraps_only_the_unet_forward(tiny_model_dir):
     assert "forward" not in vars(model.vae)
 
 
-def test_fp16_weights_store_half_and_compute_in_float32(tiny_model_dir, tmp_path, plain):
+def test_fp16_weights_store_half_and_compute_in_float32(tiny_model_dir, tmp_path, plain, monkeypatch):
     from sfumato.checkpoints import export_single_file
+
+    monkeypatch.setattr(accel, "FP16_WEIGHTS_MIN_PARAMS", 0)  # the tiny model stands in for an SD-sized one
 
     single = tmp_path / "tiny.safetensors"
     export_single_file(tiny_model_dir, single)  # fp32 on disk: read as converted copies
@@ -143,3 +145,13 @@ def test_fp16_weights_store_half_and_compute_in_float32(tiny_model_dir, tmp_path
         assert 0 < (ours - reference).abs().max() < 0.05 * reference.abs().max()
     with_int8 = pipeline(tiny_model_dir, Levers(fp16_weights=True, int8=True))  # int8 wins: fp32 in
     assert with_int8.model.unet.conv_in.weight.dtype == torch.float32
+
+
+def test_fp16_weights_on_a_small_model_cast_once_to_the_same_numbers(tiny_model_dir, monkeypatch):
+    cast_once = pipeline(tiny_model_dir, Levers(fp16_weights=True))
+    assert cast_once.model.unet.conv_in.weight.dtype == torch.float32
+    assert not hasattr(cast_once.model.unet.conv_in, "_diffusers_hook")  # no per-call casting
+    monkeypatch.setattr(accel, "FP16_WEIGHTS_MIN_PARAMS", 0)
+    hooked = pipeline(tiny_model_dir, Levers(fp16_weights=True))
+    assert hooked.model.unet.conv_in.weight.dtype == torch.float16
+    assert torch.equal(latents_of(cast_once), latents_of(hooked))
