@@ -107,13 +107,13 @@ def prepare(model, levers: Levers = Levers(), device: torch.device | str = "cpu"
     Text encoders stay as loaded (they run once per prompt, a few ms), but for fp16_weights."""
     device = torch.device(device)
     if levers.weights_dtype(compute_dtype) != compute_dtype:
-        from sfumato.weight_casting import compute_layers_in
+        from sfumato.weight_casting import cast_tensors, compute_layers_in
 
         modules = (model.unet, model.vae, *model.text_encoders)
         small = sum(p.numel() for module in modules for p in module.parameters()) < FP16_WEIGHTS_MIN_PARAMS
         for module in modules:
             if small:
-                module.to(compute_dtype)
+                cast_tensors(module, compute_dtype)
             else:
                 compute_layers_in(module, compute_dtype)
     if levers.channels_last:

@@ -45,6 +45,12 @@ def compute_layers_in(module: torch.nn.Module, compute_dtype: torch.dtype) -> No
                 registry = HookRegistry.check_if_exists_or_initialize(layer)
                 registry.register_hook(CastWhileRunning(storage, compute_dtype), HOOK_NAME)
             continue
-        for tensor in [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]:
-            if tensor.is_floating_point():
-                tensor.data = tensor.data.to(compute_dtype)
+        cast_tensors(layer, compute_dtype, recurse=False)
+
+
+def cast_tensors(module: torch.nn.Module, dtype: torch.dtype, recurse: bool = True) -> None:
+    """Every floating-point parameter and buffer to `dtype`, in place. Not module.to(dtype): on a
+    diffusers model that warns about modules to keep in fp32, which these models have none of."""
+    for tensor in [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtype)
