@@ -91,6 +91,22 @@ def test_tiny_folder_loads(tiny, tiny_model):
     assert not m.unet.training and next(m.unet.parameters()).dtype == torch.float32
 
 
+def test_describe_names_a_zero_terminal_snr_schedule(tiny, tmp_path):
+    import shutil
+
+    assert "noise_schedule" not in describe(tiny)
+    folder = shutil.copytree(tiny, tmp_path / "zsnr")
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True}))
+    single = tmp_path / "zsnr.safetensors"
+    convert.export_single_file(folder, single)  # the scheduler config rides in the file's metadata
+    for path in (folder, single):
+        facts = describe(path)
+        assert facts["prediction_type"] == "v_prediction"
+        assert facts["noise_schedule"].startswith("zero terminal SNR")
+
+
 def test_zero_terminal_snr_schedule_matches_diffusers_but_keeps_sigma_max_finite():
     from diffusers import DDPMScheduler
 

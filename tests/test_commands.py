@@ -69,6 +69,8 @@ def test_info_describes_a_model_and_refuses_pickles(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     facts = json.loads(result.output[result.output.index("{"):])
     assert facts["family"] == "sd1"
+    text = run("info", tiny_model_dir)
+    assert text.exit_code == 0 and "unet: " in text.output and "{" not in text.output  # one line a fact
     pickle = tmp_path / "model.ckpt"
     pickle.write_bytes(b"\x80\x04junk")
     refused = run("info", pickle)

@@ -592,9 +592,11 @@ def describe(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
             family = metadata.get(META_FAMILY) or detect_family(weights.keys)
             prediction = detect_prediction_type(family, weights, _metadata_configs(metadata))
             components, dtypes = _summarize(weights, _component_prefixes(family))
-        hashed = path
+        hashed, scheduler = path, (_metadata_configs(metadata) or {}).get("scheduler", {})
         facts = {"format": "single file (" + path.suffix.lstrip(".") + ")",
                  "prediction_type": prediction}
+    if scheduler.get("rescale_betas_zero_snr"):  # other tools need telling (A1111: a setting)
+        facts["noise_schedule"] = "zero terminal SNR (rescale_betas_zero_snr)"
     sha256 = sha256_file(hashed)
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
     sfumato_meta = {k: (json.loads(v) if k == META_CONFIGS else v)

@@ -7,6 +7,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -161,7 +162,14 @@ def info(path: str, as_json: bool, allow_pickle: bool) -> None:
         return
     width = max(len(k) for k in facts)
     for key, value in facts.items():
-        click.echo(f"{key:<{width}}  {value}")
+        click.echo(f"{key:<{width}}  {_fact_text(value)}")
+
+
+def _fact_text(value: Any) -> str:
+    """One line of `sfumato info`: nested configs by name only (--json prints them whole)."""
+    if not isinstance(value, dict):
+        return str(value)
+    return ", ".join(f"{k} ({', '.join(v)})" if isinstance(v, dict) else f"{k}: {v}" for k, v in value.items())
 
 
 @click.command()
