@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import sfumato
+from sfumato.train.data import to_model_images
 from sfumato.world import render, sample_scenes
 from sfumato.world.adherence import image_correct
 from sfumato.world.analyzer import analyze, true_expectation
@@ -30,8 +31,7 @@ def round_trip(vae, images: np.ndarray, batch: int = 32) -> np.ndarray:
     """(n, H, W, 3) uint8 -> the same through encode (posterior mean) and decode."""
     out = []
     for start in range(0, len(images), batch):
-        x = torch.from_numpy(images[start:start + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        z = vae.encode(x).latent_dist.mean
+        z = vae.encode(to_model_images(images[start:start + batch], torch.device("cpu"))).latent_dist.mean
         y = vae.decode(z).sample.float().clamp(-1, 1)
         out.append(((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
     return np.concatenate(out)

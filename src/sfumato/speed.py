@@ -43,6 +43,10 @@ class Setup:
     seed: int = 1
     levers: tuple[str, ...] = ()   # sfumato's opt-in levers ("int8", "compile", ...)
 
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
 
 # ---------------------------------------------------------------- the models it measures
 
@@ -166,7 +170,7 @@ def run_side(side: str, setup: Setup, image_out: Path, cold: bool) -> dict:
     import numpy as np
     import torch
 
-    cuda = setup.device.startswith("cuda")
+    cuda = setup.on_cuda
     sync = torch.cuda.synchronize if cuda else lambda: None
     path = Path(setup.model)
     if cold:
@@ -224,7 +228,7 @@ def _diffusers_side(setup: Setup):
 
     stock = {"tokenizer": load_clip_tokenizer(), "safety_checker": None, "feature_extractor": None,
              "requires_safety_checker": False, "local_files_only": True,
-             "torch_dtype": torch.float16 if setup.device.startswith("cuda") else torch.float32}
+             "torch_dtype": torch.float16 if setup.on_cuda else torch.float32}
 
     def load(path: Path):
         if path.is_dir():
@@ -383,12 +387,12 @@ def format_report(setup: Setup, table: dict, quality: dict) -> str:
              f"{','.join(setup.levers) or 'default'}",
              f"{'median of runs':<30}{'sfumato':>10}{'diffusers':>11}{'ratio':>8}"]
     for key, label in FIELDS:
-        if key == "peak_gpu_mb" and not setup.device.startswith("cuda"):
+        if key == "peak_gpu_mb" and not setup.on_cuda:
             continue
         ours, theirs = table["sfumato"][key], table["diffusers"][key]
         ratio = f"{ours / theirs:.2f}" if ours is not None and theirs else "-"
         lines.append(f"{label:<30}{cell(ours):>10}{cell(theirs):>11}{ratio:>8}")
-    reference = "fp16 diffusers" if setup.device.startswith("cuda") else "fp32 eager diffusers"
+    reference = "fp16 diffusers" if setup.on_cuda else "fp32 eager diffusers"
     lines.append(f"fidelity vs {reference}: PSNR {quality['psnr_db']:.1f} dB, "
                  f"max abs diff {quality['max_abs_diff']:.4f} (of 1)")
     return "\n".join(lines)
