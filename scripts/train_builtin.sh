@@ -10,7 +10,11 @@
 # INIT_FROM=MODEL_DIR (a folder assemble wrote, e.g. src/sfumato/models/builtin) starts every stage from
 # its weights instead of from scratch (fresh optimizer, step 0): training goes on across sessions.
 # Env: PYTHON (default python, else python3), LAUNCH (e.g. "accelerate launch --multi_gpu --num_processes 4"),
-#      VAE_MIN / DECODER_MIN / CLIP_MIN / UNET_MIN (minute budgets per stage).
+#      VAE_MIN / DECODER_MIN / CLIP_MIN / UNET_MIN (minute budgets per stage),
+#      UNETS (UNet recipes to train, default "unet"; e.g. "unet unet_zero_snr" trains both on the same VAE
+#      and CLIP: the first is assembled into OUTDIR/builtin, each other one into OUTDIR/builtin-NAME).
+#      PARALLEL (1 by default with --gpu): stages that do not depend on each other run at once (VAE beside
+#      CLIP, the UNets beside each other): these small models leave most of a GPU idle.
 set -euo pipefail
 
 OUT=${1:?usage: scripts/train_builtin.sh OUTDIR [--gpu|--smoke]}
@@ -29,7 +33,8 @@ case "$MODE" in
 esac
 
 mkdir -p "$OUT"
-declare -A SECONDS_OF
+UNETS=${UNETS:-unet}
+PARALLEL=${PARALLEL:-$([[ $DEVICE == cuda ]] && echo 1 || echo 0)}
 
 stage() {  # stage NAME COMMAND MINUTES INIT [extra options]; INIT: a model folder to start from, or ""
   local name=$1 command=$2 minutes=$3 init=$4 dir="$OUT/$1"; shift 4
@@ -42,19 +47,40 @@ stage() {  # stage NAME COMMAND MINUTES INIT [extra options]; INIT: a model fold
   local start=$(date +%s)
   $LAUNCH -m sfumato.train.cli "$command" --config "$PREFIX$name" --out "$dir" --device "$DEVICE" \
     --max-minutes "$minutes" "${start_from[@]}" "$@"
-  SECONDS_OF[$name]=$(( $(date +%s) - start ))
+  echo "wall seconds $name: $(( $(date +%s) - start ))"
 }
 
-TOTAL_START=$(date +%s)
-stage vae vae "$VAE_MIN" "${INIT_FROM:-}"
-stage vae_decoder vae "$DECODER_MIN" "$OUT/vae"   # whole images, encoder kept (see its recipe)
-stage clip clip "$CLIP_MIN" "${INIT_FROM:-}"
-stage unet unet "$UNET_MIN" "${INIT_FROM:-}" --vae "$OUT/vae" --clip "$OUT/clip"
-HARDWARE=$($PYTHON -c "import torch; print(torch.cuda.get_device_name() if '$DEVICE' == 'cuda' else f'CPU ({torch.get_num_threads()} threads)')")
-$PYTHON -m sfumato.train.cli assemble --vae "$OUT/vae_decoder" --clip "$OUT/clip" --unet "$OUT/unet" \
-  --out "$OUT/builtin" --hardware "$HARDWARE"
+together() {  # together "STAGE CALLS" ...: all at once with PARALLEL=1, else one after another
+  if [[ $PARALLEL != 1 ]]; then
+    for calls in "$@"; do eval "$calls"; done
+    return
+  fi
+  local pids=() i=0
+  for calls in "$@"; do  # each group logs to its own file: interleaved progress bars are unreadable
+    i=$((i + 1)); (eval "$calls") >"$OUT/together-$i.log" 2>&1 & pids+=($!)
+  done
+  local failed=0
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  for ((j = 1; j <= i; j++)); do tr '\r' '\n' <"$OUT/together-$j.log" | grep -v '^\s*$' | grep -v '%|' ; done
+  return $failed
+}
 
-echo
-for name in vae vae_decoder clip unet; do echo "wall seconds $name: ${SECONDS_OF[$name]:-skipped}"; done
+unet_stage() { stage "$1" unet "$UNET_MIN" "${INIT_FROM:-}" --vae "$OUT/vae" --clip "$OUT/clip"; }
+
+TOTAL_START=$(date +%s)
+together "stage vae vae $VAE_MIN '${INIT_FROM:-}'; stage vae_decoder vae $DECODER_MIN '$OUT/vae'" \
+         "stage clip clip $CLIP_MIN '${INIT_FROM:-}'"   # vae_decoder: whole images, encoder kept
+unet_calls=()
+for name in $UNETS; do unet_calls+=("unet_stage $name"); done
+together "${unet_calls[@]}"
+
+HARDWARE=$($PYTHON -c "import torch; print(torch.cuda.get_device_name() if '$DEVICE' == 'cuda' else f'CPU ({torch.get_num_threads()} threads)')")
+first=1
+for name in $UNETS; do
+  model="$OUT/builtin"; [[ $first == 1 ]] || model="$OUT/builtin-$name"; first=0
+  $PYTHON -m sfumato.train.cli assemble --vae "$OUT/vae_decoder" --clip "$OUT/clip" --unet "$OUT/$name" \
+    --out "$model" --hardware "$HARDWARE"
+  echo; echo "== $model"
+  sed -n '/^## Figures/,/^## Recipes/p' "$model/MODEL_CARD.md" | sed '$d'
+done
 echo "wall seconds total: $(( $(date +%s) - TOTAL_START ))"
-sed -n '/^## Figures/,/^## Recipes/p' "$OUT/builtin/MODEL_CARD.md" | sed '$d'

@@ -156,6 +156,20 @@ def test_zero_terminal_snr_needs_v_prediction():
     assert scheduler.alphas_cumprod[-1] == 0  # the last training step is pure noise
 
 
+def test_a_recipe_overrides_its_base_key_by_key(tmp_path: Path):
+    zero_snr, unet = load_recipe("unet_zero_snr", gpu=True), load_recipe("unet", gpu=True)
+    assert (zero_snr["prediction_type"], zero_snr["zero_terminal_snr"]) == ("v_prediction", True)
+    assert {k: v for k, v in zero_snr.items() if k != "zero_terminal_snr"} == {**unet, "prediction_type": "v_prediction"}
+    child = tmp_path / "child.toml"
+    child.write_text('base = "unet"\n[data]\ntrain_scenes = 7\n')
+    merged = load_recipe(str(child), gpu=False)
+    assert merged["data"]["train_scenes"] == 7 and merged["data"]["size"] == unet["data"]["size"]
+    loop = tmp_path / "loop.toml"
+    loop.write_text(f'base = "{loop}"\n')
+    with pytest.raises(SfumatoError, match="its own base"):
+        load_recipe(str(loop), gpu=False)
+
+
 def test_unknown_recipe_is_a_user_error():
     with pytest.raises(SfumatoError, match="no training recipe"):
         load_recipe("no-such-recipe", gpu=False)

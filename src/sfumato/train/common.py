@@ -57,10 +57,19 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
-def load_recipe(name_or_path: str, *, gpu: bool) -> dict:
-    """The recipe as a dict; on a GPU its [gpu] table overrides the rest (bigger batches)."""
+def _read_recipe(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
+    """A recipe file's tables; `base = "other"` starts from that recipe and overrides it key by key."""
+    if name_or_path in seen:
+        raise SfumatoError(f"training recipe {name_or_path!r} is its own base ({' -> '.join((*seen, name_or_path))})")
     with recipe_path(name_or_path).open("rb") as f:
         recipe = tomllib.load(f)
+    base = recipe.pop("base", None)
+    return recipe if base is None else _merge(_read_recipe(base, (*seen, name_or_path)), recipe)
+
+
+def load_recipe(name_or_path: str, *, gpu: bool) -> dict:
+    """The recipe as a dict; on a GPU its [gpu] table overrides the rest (bigger batches)."""
+    recipe = _read_recipe(name_or_path)
     gpu_override = recipe.pop("gpu", {})
     return _merge(recipe, gpu_override) if gpu else recipe
 
