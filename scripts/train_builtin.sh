@@ -26,7 +26,7 @@ export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)/src${PYTHONPATH:+:$PYTHONPA
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 case "$MODE" in
-  --gpu)   DEVICE=cuda; PREFIX="";      : "${VAE_MIN:=1.5}" "${DECODER_MIN:=0.7}" "${CLIP_MIN:=1.2}" "${UNET_MIN:=4.5}" ;;
+  --gpu)   DEVICE=cuda; PREFIX="";      : "${VAE_MIN:=1.6}" "${DECODER_MIN:=1.6}" "${CLIP_MIN:=3.0}" "${UNET_MIN:=4.5}" ;;
   cpu)     DEVICE=cpu;  PREFIX="";      : "${VAE_MIN:=50}"  "${DECODER_MIN:=40}"  "${CLIP_MIN:=40}"  "${UNET_MIN:=230}" ;;
   --smoke) DEVICE=cpu;  PREFIX="tiny_"; : "${VAE_MIN:=2}"   "${DECODER_MIN:=2}"   "${CLIP_MIN:=2}"   "${UNET_MIN:=2}" ;;
   *) echo "unknown mode $MODE: use --gpu, --smoke or nothing (CPU)" >&2; exit 2 ;;
