@@ -170,6 +170,20 @@ def test_a_recipe_overrides_its_base_key_by_key(tmp_path: Path):
         load_recipe(str(loop), gpu=False)
 
 
+def test_min_snr_weighting_caps_the_easy_timesteps():
+    from sfumato.train.common import denoising_loss
+
+    prediction, target = torch.zeros(3, 4, 2, 2), torch.ones(3, 4, 2, 2)  # per-sample MSE 1
+    alpha_bar = torch.tensor([0.999, 0.5, 0.0])  # SNR 999, 1, 0
+    assert denoising_loss(prediction, target, alpha_bar, "epsilon") == 1.0  # gamma 0: plain MSE
+    eps = denoising_loss(prediction, target, alpha_bar, "epsilon", min_snr_gamma=5.0)
+    v = denoising_loss(prediction, target, alpha_bar, "v_prediction", min_snr_gamma=5.0)
+    # eps weights min(SNR, 5) / SNR: 5/999, 1, and 0 at zero SNR (where eps training is refused anyway)
+    assert eps.item() == pytest.approx((5 / 999 + 1 + 0) / 3, rel=1e-4)
+    # v weights min(SNR, 5) / (SNR + 1): 5/1000, 1/2, and 0 at zero SNR (nothing to learn there)
+    assert v.item() == pytest.approx((5 / 1000 + 0.5 + 0) / 3, rel=1e-4)
+
+
 def test_unknown_recipe_is_a_user_error():
     with pytest.raises(SfumatoError, match="no training recipe"):
         load_recipe("no-such-recipe", gpu=False)

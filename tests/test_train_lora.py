@@ -188,3 +188,15 @@ def test_noise_offset_changes_the_training_noise_and_is_recorded(model, tmp_path
     out = train_lora(model, TrainConfig(images=write_images(tmp_path / "images"), out=tmp_path / "o.safetensors",
                                         steps=1, noise_offset=0.2, progress=False))
     assert read(out)[1]["ss_noise_offset"] == "0.2"
+
+
+def test_min_snr_gamma_weights_the_loss_and_is_recorded(model, tmp_path):
+    from sfumato.train.lora import diffusion_loss
+
+    latents, hidden = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    plain = diffusion_loss(model, latents, hidden, torch.Generator().manual_seed(3))
+    weighted = diffusion_loss(model, latents, hidden, torch.Generator().manual_seed(3), min_snr_gamma=5.0)
+    assert weighted.item() < plain.item()  # every weight is <= 1, the low-noise ones far below
+    out = train_lora(model, TrainConfig(images=write_images(tmp_path / "images"), out=tmp_path / "o.safetensors",
+                                        steps=1, min_snr_gamma=5.0, progress=False))
+    assert read(out)[1]["ss_min_snr_gamma"] == "5.0"

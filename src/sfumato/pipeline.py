@@ -161,7 +161,7 @@ class Pipeline:
 
     def encode_image(self, image: Image.Image, width: int, height: int, seed: int) -> torch.Tensor:
         resized = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
-        pixels = torch.from_numpy(np.asarray(resized)).permute(2, 0, 1)[None].float() / 255
+        pixels = torch.from_numpy(np.array(resized)).permute(2, 0, 1)[None].float() / 255
         generator = torch.Generator("cpu").manual_seed(seed)
         return latent_space.encode(self.model.vae, pixels, generator).to(self.device)
 

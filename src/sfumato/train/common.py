@@ -397,3 +397,21 @@ def offset_noise(shape: torch.Size, offset: float, generator: torch.Generator, d
     if offset:
         noise = noise + offset * torch.randn((*shape[:2], 1, 1), generator=generator, device=device)
     return noise
+
+
+def denoising_loss(prediction: Tensor, target: Tensor, alpha_bar: Tensor, prediction_type: str,
+                   min_snr_gamma: float = 0.0) -> Tensor:
+    """MSE of an eps or v prediction; with `min_snr_gamma` > 0, each sample weighted by Min-SNR-γ.
+
+    Min-SNR (Hang et al. 2023; kohya's --min_snr_gamma) caps the weight of the low-noise timesteps,
+    whose easy, detail-only targets otherwise dominate the gradient, in favour of the mid-noise ones
+    where layout and shape are decided: the paper reports ~3x faster convergence. In terms of the
+    x0 error the weight is min(SNR, γ); for an eps target that is min(SNR, γ) / SNR, for a v target
+    min(SNR, γ) / (SNR + 1). alpha_bar: (b,) of each sample's timestep."""
+    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    if min_snr_gamma <= 0:
+        return per_sample.mean()
+    alpha_bar = alpha_bar.to(per_sample.device, torch.float32)
+    snr = alpha_bar / (1 - alpha_bar).clamp(min=1e-8)
+    weight = snr.clamp(max=min_snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1).clamp(min=1e-8)
+    return (weight * per_sample).mean()

@@ -21,7 +21,7 @@ from sfumato.commands import user_errors
 from sfumato.errors import LoraError
 from sfumato.files import write_bytes_atomic
 from sfumato.lora_formats import canonical_path
-from sfumato.train.common import offset_noise
+from sfumato.train.common import denoising_loss, offset_noise
 from sfumato.train.lora_data import Example, collect_examples, epoch_batches, load_pixels
 from sfumato.train.lora_export import (
     BASE_MODEL_VERSION,
@@ -65,6 +65,7 @@ class TrainConfig:
     resume: bool = False
     fp16: bool = False                # save the file in fp16 (half the size)
     noise_offset: float = 0.0         # kohya's: match the base model's training (built-in: 0.2)
+    min_snr_gamma: float = 0.0        # kohya's Min-SNR loss weighting (5 is usual); 0 = plain MSE
     max_minutes: float | None = None  # stop early (and save) after this much training time
     progress: bool = True
 
@@ -154,8 +155,9 @@ def encode_latents(vae, pixels: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def diffusion_loss(model, latents: Tensor, hidden: Tensor, generator: torch.Generator,
-                   noise_offset: float = 0.0) -> Tensor:
-    """SD's objective: noise the latents at a uniform timestep, predict eps (or v), MSE.
+                   noise_offset: float = 0.0, min_snr_gamma: float = 0.0) -> Tensor:
+    """SD's objective: noise the latents at a uniform timestep, predict eps (or v), MSE
+    (Min-SNR-weighted with min_snr_gamma > 0; see common.denoising_loss).
 
     Written out rather than via a diffusers scheduler: a Model carries alphas_cumprod, not a
     scheduler, and the forward process is these two lines."""
@@ -167,7 +169,7 @@ def diffusion_loss(model, latents: Tensor, hidden: Tensor, generator: torch.Gene
     noisy = signal * latents + sigma * noise
     target = noise if model.prediction_type == "epsilon" else signal * noise - sigma * latents
     prediction = model.unet(noisy, t.to(latents.device), encoder_hidden_states=hidden).sample
-    return torch.nn.functional.mse_loss(prediction.float(), target.float())
+    return denoising_loss(prediction, target, alpha_bar.flatten(), model.prediction_type, min_snr_gamma)
 
 
 def trainable(roots: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
@@ -290,7 +292,7 @@ class Run:
         hidden = (encode_text(self.model, captions) if texts is None
                   else torch.stack([texts[c] for c in captions]))
         loss = diffusion_loss(self.model, x0.to(device, dtype), hidden.to(device, dtype), self.generator,
-                              self.cfg.noise_offset)
+                              self.cfg.noise_offset, self.cfg.min_snr_gamma)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -382,6 +384,8 @@ def train_lora(model, cfg: TrainConfig, examples: list[Example] | None = None) -
 @click.option("--fp16", is_flag=True, help="save the LoRA in fp16")
 @click.option("--noise-offset", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="kohya's noise offset; use the base model's (the built-in model's recipe: 0.2)")
+@click.option("--min-snr-gamma", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Min-SNR loss weighting, as kohya's (5 is usual; 0 = off)")
 @click.option("--max-minutes", type=float, default=None, help="stop (and save) after this training time")
 @click.option("--device", default=None, help="cpu, cuda, mps [best available]")
 @user_errors

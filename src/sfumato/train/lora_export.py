@@ -54,7 +54,7 @@ def kohya_metadata(cfg: TrainConfig, model, examples: list[Example], *, step: in
         "ss_lr_scheduler": "constant", "ss_mixed_precision": "no",
         "ss_gradient_checkpointing": cfg.gradient_checkpointing, "ss_cache_latents": cfg.cache_latents,
         "ss_enable_bucket": cfg.buckets, "ss_resolution": f"({resolution}, {resolution})",
-        "ss_noise_offset": cfg.noise_offset, "ss_seed": cfg.seed,
+        "ss_noise_offset": cfg.noise_offset, "ss_min_snr_gamma": cfg.min_snr_gamma, "ss_seed": cfg.seed,
         "ss_training_started_at": started, "ss_training_finished_at": time.time(),
         "ss_output_name": cfg.out.stem, "ss_base_model_version": BASE_MODEL_VERSION[model.family],
         "ss_v2": model.family == "sd2", "ss_v_parameterization": model.prediction_type == "v_prediction",

@@ -21,6 +21,7 @@ from sfumato.train.common import (
     EVAL_KEY,
     Run,
     atomic_write_text,
+    denoising_loss,
     ema_weights,
     loss_summary,
     make_trainable,
@@ -158,7 +159,9 @@ def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
         timesteps = torch.randint(0, 1000, (len(latents),), generator=g, device=run.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-        return F.mse_loss(t.module(noisy, timesteps, context).sample.float(), target.float())
+        return denoising_loss(t.module(noisy, timesteps, context).sample, target,
+                              scheduler.alphas_cumprod.to(run.device)[timesteps], scheduler.config.prediction_type,
+                              r.get("min_snr_gamma", 0.0))
 
     evals = {}
     for split in ("train", "heldout"):  # unseen scenes; "heldout": unseen shape/colour pairs too
