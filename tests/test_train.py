@@ -184,6 +184,17 @@ def test_min_snr_weighting_caps_the_easy_timesteps():
     assert v.item() == pytest.approx((5 / 1000 + 0.5 + 0) / 3, rel=1e-4)
 
 
+def test_object_weights_pick_out_the_objects_of_a_scene():
+    from sfumato.train.vae import object_weights
+
+    images = torch.zeros(1, 3, 32, 32)
+    images[:, :, 8:12, 8:12] = 1.0  # one small square on a flat background
+    weights = object_weights(images, 10.0)
+    assert weights[0, 0, 10, 10] == weights[0, 0, 7, 7] == 11  # on it, and on its 2-px margin
+    assert weights[0, 0, 25, 25] == weights[0, 0, 10, 20] == 1  # background, also in the same rows
+    assert torch.equal(object_weights(images, 0.0), torch.ones(1, 1, 32, 32))
+
+
 def test_unknown_recipe_is_a_user_error():
     with pytest.raises(SfumatoError, match="no training recipe"):
         load_recipe("no-such-recipe", gpu=False)
