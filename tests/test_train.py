@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -185,14 +186,20 @@ def test_min_snr_weighting_caps_the_easy_timesteps():
 
 
 def test_object_weights_pick_out_the_objects_of_a_scene():
-    from sfumato.train.vae import object_weights
+    from sfumato.train.data import pixels_to_model
+    from sfumato.train.vae import object_weights, row_backgrounds
 
-    images = torch.zeros(1, 3, 32, 32)
-    images[:, :, 8:12, 8:12] = 1.0  # one small square on a flat background
-    weights = object_weights(images, 10.0)
+    pixels = np.zeros((1, 32, 32, 3), np.uint8)
+    pixels[:, :16] = (40, 90, 200)  # a two-tone background, like a field under a sky
+    pixels[:, 8:12, 8:12] = 255  # one small square
+    images, background = pixels_to_model(torch.from_numpy(pixels)), torch.from_numpy(row_backgrounds(pixels))
+    weights = object_weights(images, 10.0, background)
     assert weights[0, 0, 10, 10] == weights[0, 0, 7, 7] == 11  # on it, and on its 2-px margin
-    assert weights[0, 0, 25, 25] == weights[0, 0, 10, 20] == 1  # background, also in the same rows
-    assert torch.equal(object_weights(images, 0.0), torch.ones(1, 1, 32, 32))
+    assert weights[0, 0, 25, 25] == weights[0, 0, 10, 20] == weights[0, 0, 2, 2] == 1  # sky, field, same rows
+    # a crop's rows keep the whole image's backgrounds even when the object fills them
+    crop = object_weights(images[:, :, 8:12, 6:14], 10.0, background[:, 8:12])
+    assert crop[0, 0, 1, 3] == 11 and crop[0, 0, 1, 0] == 11  # the square, and the 2 px beside it
+    assert torch.equal(object_weights(images, 0.0, None), torch.ones(1, 1, 32, 32))
 
 
 def test_unknown_recipe_is_a_user_error():

@@ -102,18 +102,26 @@ def kept_latent_scale(run: Run) -> float:
     return json.loads(note.read_text())["scaling_factor"]
 
 
-def object_weights(images: Tensor, weight: float, threshold: float = 0.1) -> Tensor:
-    """(b, 1, H, W) loss weights: 1 on the background, 1 + weight on and around objects.
+def row_backgrounds(images: np.ndarray, edge: int = 4) -> np.ndarray:
+    """(b, H, W, 3) uint8 -> (b, H, 3) float: each row's background colour, the median of its
+    `edge` leftmost and rightmost pixels. A scene's background varies only from row to row
+    (world/render.py) and objects seldom reach the image's sides; a crop's sides can cut one."""
+    sides = np.concatenate([images[:, :, :edge], images[:, :, -edge:]], axis=2)
+    return np.median(sides, axis=2).astype(np.float32)
+
+
+def object_weights(images: Tensor, weight: float, background: Tensor | None) -> Tensor:
+    """(b, 1, h, w) loss weights: 1 on the background, 1 + weight on and around objects.
 
     Objects cover a few percent of a scene, so a plain pixel loss is nearly all background: the
     VAE learnt to blur a striped star into one orange blob and to drop small dark shapes, at a
-    fine-looking PSNR. A scene's background varies only from row to row (world/render.py), so a
-    pixel far from its row's median colour belongs to an object (or a star); the mask is widened
-    by 2 px to take in the edges. weight 0: all ones."""
+    fine-looking PSNR. A pixel far from its row's background colour (`background`: (b, h, 3) in
+    0..255, from row_backgrounds) belongs to an object (or a star); the mask is widened by 2 px
+    to take in the edges. weight 0: all ones."""
     if not weight:
         return torch.ones_like(images[:, :1])
-    background = images.median(dim=3, keepdim=True).values
-    mask = ((images - background).abs().amax(dim=1, keepdim=True) > threshold).float()
+    rows = background.to(images.device).permute(0, 2, 1)[..., None] / 127.5 - 1  # (b, 3, h, 1)
+    mask = ((images - rows).abs().amax(dim=1, keepdim=True) > 0.1).float()
     return 1 + weight * F.max_pool2d(mask, 5, stride=1, padding=2)
 
 
@@ -136,13 +144,20 @@ def train_vae(run: Run) -> dict:
         rng, crop = run.numpy_rng(step), data.get("crop", 0)
         index = rng.integers(0, len(pool), r["batch_size"])
         corners = rng.integers(0, (data["size"] - crop) // 8 + 1, (r["batch_size"], 2)) * 8  # on the latent grid
-        return {"pixels": torch.from_numpy(crops(pool, run.shard(index), run.shard(corners), crop))}
+        index, corners = run.shard(index), run.shard(corners)
+        batch = {"pixels": torch.from_numpy(crops(pool, index, corners, crop))}
+        if loss_cfg.get("object_weight"):  # rows' backgrounds from the whole images, then cropped
+            rows = row_backgrounds(pool[index])
+            if crop:
+                rows = np.stack([r[y : y + crop] for r, (y, _) in zip(rows, corners, strict=True)])
+            batch["background"] = torch.from_numpy(rows)
+        return batch
 
     def loss_fn(batch: dict, step: int) -> Tensor:
         images = pixels_to_model(batch["pixels"])
         recon, kl = t.module(images, run.generator(step))
         error = recon.float() - images
-        weight = object_weights(images, loss_cfg.get("object_weight", 0.0))
+        weight = object_weights(images, loss_cfg.get("object_weight", 0.0), batch.get("background"))
         reconstruction = (weight * (loss_cfg["l1"] * error.abs() + loss_cfg["mse"] * error.pow(2))).mean() / weight.mean()
         return reconstruction + loss_cfg["kl"] * kl
 
