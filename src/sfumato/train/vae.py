@@ -149,7 +149,7 @@ def train_vae(run: Run) -> dict:
         if loss_cfg.get("object_weight"):  # rows' backgrounds from the whole images, then cropped
             rows = row_backgrounds(pool[index])
             if crop:
-                rows = np.stack([r[y : y + crop] for r, (y, _) in zip(rows, corners, strict=True)])
+                rows = np.stack([row[y : y + crop] for row, (y, _) in zip(rows, corners, strict=True)])
             batch["background"] = torch.from_numpy(rows)
         return batch
 
