@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import random
-from collections import Counter
 
 from PIL import Image
 
 import sfumato
 from sfumato.world import render, sample_scenes
-from sfumato.world.adherence import image_correct
+from sfumato.world.adherence import claim_report
 from sfumato.world.analyzer import analyze
 from sfumato.world.captions import describe
 
@@ -44,19 +43,10 @@ def main() -> None:
     renders = [Image.fromarray(render(scene, size)) for scene in scenes]
     print(f"model {pipe.model.name}  {args.scenes} scenes  cfg {args.cfg}  {args.steps} steps")
     for strength in (float(s) for s in args.strengths.split(",")):
-        held, lost, passed = Counter(), Counter(), 0
-        for i, ((caption, expectation), init) in enumerate(zip(described, renders, strict=True)):
-            image = pipe.generate(prompt=caption, seed=i, steps=args.steps, cfg_scale=args.cfg,
-                                  denoising_strength=strength, init_image=init)[0].image
-            claims = analyze(image, expectation)
-            passed += image_correct(claims)
-            for claim, ok in claims.items():
-                held[claim.kind] += 1
-                lost[claim.kind] += not ok
-        kinds = ", ".join(f"{kind} {lost[kind] / held[kind]:.2f}" for kind in sorted(held))
-        print(f"strength {strength:.1f}: {passed / len(scenes):.3f} pass every claim; claims failed by kind: {kinds}",
-              flush=True)
-
+        claim_sets = (analyze(pipe.generate(prompt=caption, seed=i, steps=args.steps, cfg_scale=args.cfg,
+                                            denoising_strength=strength, init_image=init)[0].image, expectation)
+                      for i, ((caption, expectation), init) in enumerate(zip(described, renders, strict=True)))
+        print(f"strength {strength:.1f}: {claim_report(claim_sets)}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,6 @@ renders and of their round trips, and the share of each kind of claim that the r
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ import torch
 import sfumato
 from sfumato.train.data import to_model_images
 from sfumato.world import render, sample_scenes
-from sfumato.world.adherence import image_correct
+from sfumato.world.adherence import claim_report
 from sfumato.world.analyzer import analyze, true_expectation
 
 SEED = 123  # a stream of scenes apart from the training pools (seeds 0..2) and the eval ones
@@ -46,18 +45,8 @@ def main() -> None:
     scenes = sample_scenes(SEED, args.scenes, "train")
     renders = np.stack([render(scene, vae.config.sample_size) for scene in scenes])
     for name, images in (("renders", renders), ("VAE round trips", round_trip(vae, renders))):
-        held, lost = Counter(), Counter()
-        passed = 0
-        for image, scene in zip(images, scenes, strict=True):
-            claims = analyze(image, true_expectation(scene))
-            passed += image_correct(claims)
-            for claim, ok in claims.items():
-                held[claim.kind] += 1
-                lost[claim.kind] += not ok
-        kinds = ", ".join(f"{kind} {lost[kind] / held[kind]:.2f}" for kind in sorted(held))
-        print(f"{name}: {passed / len(scenes):.3f} of {len(scenes)} scenes pass every claim; "
-              f"claims failed by kind: {kinds}")
-
+        report = claim_report(analyze(image, true_expectation(scene)) for image, scene in zip(images, scenes, strict=True))
+        print(f"{name}: {report}")
 
 if __name__ == "__main__":
     main()

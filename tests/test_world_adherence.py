@@ -17,6 +17,7 @@ from sfumato.world.adherence import (
     Report,
     Sample,
     category_scores,
+    claim_report,
     contact_sheet,
     format_table,
     image_correct,
@@ -206,3 +207,9 @@ def test_bad_suite_file_is_a_clear_error(tmp_path):
     run = CliRunner().invoke(bench, ["adherence", "--suite", str(path), "--out", str(tmp_path)])
     assert run.exit_code == 2
     assert "line 2" in run.output and "lacks ['expectation']" in run.output
+
+
+def test_claim_report_counts_images_and_failures_by_kind():
+    shape, color = Claim("shape", "a star"), Claim("color", "red")
+    report = claim_report([{shape: True, color: True}, {shape: False, color: True}, {shape: False, color: False}])
+    assert report == "0.333 of 3 pass every claim; claims failed by kind: color 0.33, shape 0.67"

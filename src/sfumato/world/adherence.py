@@ -106,6 +106,22 @@ def image_correct(claims: Mapping[object, bool]) -> bool:
     return bool(claims) and all(claims.values())
 
 
+def claim_report(claim_sets: Iterable[Mapping[Claim, bool]]) -> str:
+    """One line for a set of analysed images: the share passing every claim, and the share of each
+    kind of claim that failed (what the measuring scripts in scripts/ print)."""
+    held: dict[str, int] = {}
+    lost: dict[str, int] = {}
+    passed = images = 0
+    for claims in claim_sets:
+        images += 1
+        passed += image_correct(claims)
+        for claim, ok in claims.items():
+            held[claim.kind] = held.get(claim.kind, 0) + 1
+            lost[claim.kind] = lost.get(claim.kind, 0) + (not ok)
+    kinds = ", ".join(f"{kind} {lost[kind] / held[kind]:.2f}" for kind in sorted(held))
+    return f"{passed / max(images, 1):.3f} of {images} pass every claim; claims failed by kind: {kinds}"
+
+
 def category_scores(results: Iterable[ImageResult]) -> dict[str, float]:
     totals: dict[str, list[int]] = {}
     for result in results:
