@@ -22,13 +22,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=15 PYTHON=${PYTHON:-python3}
-# Minute budgets (each stage's set-up included) that leave ~1 min of the 10 for start-up and packing.
-# CLIP runs beside VAE + decoder, the UNets beside each other (PARALLEL, train_builtin.sh). Measured on
-# one H100 (session 5): set-up takes 20-30 s a stage (60 s for two UNets at once), so a decoder budget
-# under ~1.5 min trains next to nothing (0.7 min gave 1 step); the VAE ran ~2,300 crops/s (8.8 steps/s
-# of 256), the decoder 2,900 images/s, CLIP 17,500 pairs/s, each UNet 10,300 samples/s beside the other.
-: "${VAE_MIN:=1.6}" "${DECODER_MIN:=1.6}" "${CLIP_MIN:=3.0}" "${UNET_MIN:=4.5}" "${UNETS:=unet unet_zero_snr}"
-export VAE_MIN DECODER_MIN CLIP_MIN UNET_MIN UNETS
+# Both UNets beside each other on the same VAE and CLIP; the minute budgets are train_builtin.sh's --gpu ones.
+export UNETS=${UNETS:-unet unet_zero_snr}
 timeout 570 "$(dirname "$0")/train_builtin.sh" "$RUN" "$MODE" >"$OUT/train.log" 2>&1
 echo "train_builtin.sh exit status $?"
 tr '\r' '\n' <"$OUT/train.log" | grep -v '^\s*$' | grep -v '%|' | tail -40

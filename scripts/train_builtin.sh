@@ -25,6 +25,11 @@ LAUNCH=${LAUNCH:-$PYTHON}
 export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)/src${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
+# --gpu budgets (each stage's set-up included) leave ~1 min of a 10-minute call for start-up and packing
+# (scripts/gpu_session.sh). Measured on one H100 (session 5): set-up takes 20-30 s a stage (60 s for two
+# UNets at once), so a decoder budget under ~1.5 min trains next to nothing (0.7 min gave 1 step); the
+# VAE ran ~2,300 crops/s beside CLIP, the decoder 2,900 images/s, CLIP 17,500 pairs/s, each UNet 10,300
+# samples/s beside the other.
 case "$MODE" in
   --gpu)   DEVICE=cuda; PREFIX="";      : "${VAE_MIN:=1.6}" "${DECODER_MIN:=1.6}" "${CLIP_MIN:=3.0}" "${UNET_MIN:=4.5}" ;;
   cpu)     DEVICE=cpu;  PREFIX="";      : "${VAE_MIN:=50}"  "${DECODER_MIN:=40}"  "${CLIP_MIN:=40}"  "${UNET_MIN:=230}" ;;

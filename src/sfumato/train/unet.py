@@ -150,6 +150,8 @@ def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
         return {"rows": torch.from_numpy(index),
                 "ids": tokenize(tokenizer, ["" if d else c for c, d in zip(captions, dropped, strict=True)])}
 
+    alphas_cumprod = scheduler.alphas_cumprod.to(run.device)  # once, not a copy to the GPU every step
+
     def loss_fn(batch: dict, step: int) -> Tensor:
         with torch.no_grad():
             context = text_encoder(batch["ids"]).last_hidden_state
@@ -159,9 +161,8 @@ def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
         timesteps = torch.randint(0, 1000, (len(latents),), generator=g, device=run.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-        return denoising_loss(t.module(noisy, timesteps, context).sample, target,
-                              scheduler.alphas_cumprod.to(run.device)[timesteps], scheduler.config.prediction_type,
-                              r.get("min_snr_gamma", 0.0))
+        return denoising_loss(t.module(noisy, timesteps, context).sample, target, alphas_cumprod[timesteps],
+                              scheduler.config.prediction_type, r.get("min_snr_gamma", 0.0))
 
     evals = {}
     for split in ("train", "heldout"):  # unseen scenes; "heldout": unseen shape/colour pairs too
