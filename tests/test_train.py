@@ -185,6 +185,22 @@ def test_min_snr_weighting_caps_the_easy_timesteps():
     assert v.item() == pytest.approx((5 / 1000 + 0.5 + 0) / 3, rel=1e-4)
 
 
+def test_learning_rate_warms_up_then_follows_its_schedule(tmp_path: Path):
+    from sfumato.train.common import learning_rate
+
+    recipe = {"lr": 1e-3, "warmup_steps": 10, "steps": 110}
+    assert learning_rate(recipe, 0) == pytest.approx(1e-4) and learning_rate(recipe, 9) == pytest.approx(1e-3)
+    assert learning_rate(recipe, 100) == 1e-3  # constant by default
+    cosine = {**recipe, "lr_schedule": "cosine", "lr_final": 0.1}
+    assert learning_rate(cosine, 10) == pytest.approx(1e-3)
+    assert learning_rate(cosine, 60) == pytest.approx(0.55e-3)  # half-way: the mean of lr and lr_final
+    assert learning_rate(cosine, 110) == learning_rate(cosine, 500) == pytest.approx(1e-4)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('base = "tiny_unet"\nlr_schedule = "linear"\n')
+    with pytest.raises(SfumatoError, match="lr_schedule must be one of constant, cosine"):
+        load_recipe(str(bad), gpu=False)
+
+
 def test_object_weights_pick_out_the_objects_of_a_scene():
     from sfumato.train.data import pixels_to_model
     from sfumato.train.vae import object_weights, row_backgrounds

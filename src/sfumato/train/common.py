@@ -57,6 +57,9 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
+LR_SCHEDULES = ("constant", "cosine")  # after the warm-up; see learning_rate
+
+
 def _read_recipe(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
     """A recipe file's tables; `base = "other"` starts from that recipe and overrides it key by key."""
     if name_or_path in seen:
@@ -71,7 +74,11 @@ def load_recipe(name_or_path: str, *, gpu: bool) -> dict:
     """The recipe as a dict; on a GPU its [gpu] table overrides the rest (bigger batches)."""
     recipe = _read_recipe(name_or_path)
     gpu_override = recipe.pop("gpu", {})
-    return _merge(recipe, gpu_override) if gpu else recipe
+    recipe = _merge(recipe, gpu_override) if gpu else recipe
+    if recipe.get("lr_schedule", "constant") not in LR_SCHEDULES:  # not minutes later, at the first step
+        raise SfumatoError(f"recipe {name_or_path!r}: lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                           f"not {recipe['lr_schedule']!r}")
+    return recipe
 
 
 # ----------------------------------------------------------------------------- run set-up
@@ -280,6 +287,23 @@ def _agree(run: Run, *flags: bool) -> list[bool]:
     return [bool(v) for v in run.accelerator.reduce(t, reduction="sum").gt(0).tolist()]
 
 
+def learning_rate(recipe: dict, step: int) -> float:
+    """A linear warm-up, then `lr_schedule`: "constant", or "cosine" down to lr x `lr_final` at
+    `steps`. A function of the step alone, so a resumed run follows the same curve.
+
+    Why cosine: a constant rate keeps the weights jittering around the optimum (the EMA only
+    partly averages that out); decaying it at the end of a run is the usual cheap gain in loss.
+    It needs `steps` to be where the run really ends, not a cap that --max-minutes cuts first."""
+    lr, warmup, steps = recipe["lr"], max(1, recipe.get("warmup_steps", 0)), recipe["steps"]
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if recipe.get("lr_schedule", "constant") == "constant":
+        return lr
+    final = lr * recipe.get("lr_final", 0.0)
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return final + (lr - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def train_loop(run: Run, t: Trainable, make_batch: Callable[[int], dict], loss_fn: Callable[[dict, int], Tensor],
                on_sample: Callable[[int], None] | None = None, desc: str = "train") -> Trainable:
     """Steps t.step..recipe.steps. make_batch(step) (CPU, in loader workers) and loss_fn(batch, step)
@@ -290,7 +314,6 @@ def train_loop(run: Run, t: Trainable, make_batch: Callable[[int], dict], loss_f
     from tqdm.auto import tqdm
 
     r, acc = run.recipe, run.accelerator
-    warmup = max(1, r.get("warmup_steps", 0))
     every = r.get("checkpoint_minutes", 5) * 60
     last_save = tick = time.time()
     pending: list[Tensor] = []  # losses still on the device: reading each one would stall the GPU
@@ -306,8 +329,8 @@ def train_loop(run: Run, t: Trainable, make_batch: Callable[[int], dict], loss_f
         batches = step_batches(make_batch, t.step, r["steps"], workers=r["data"].get("loader_workers", 0),
                                device=run.device)
         for batch in batches:
-            for group in t.optimizer.param_groups:  # linear warm-up, then constant: resumable at any step
-                group["lr"] = r["lr"] * min(1.0, (t.step + 1) / warmup)
+            for group in t.optimizer.param_groups:
+                group["lr"] = learning_rate(r, t.step)
             with acc.autocast():
                 loss = loss_fn(batch, t.step)
             acc.backward(loss)
