@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -121,6 +123,37 @@ def test_compile_wraps_only_the_unet_forward(tiny_model_dir):
     accel.prepare(model, Levers(channels_last=False, compile=True))
     assert model.unet.forward is not eager and model.unet.forward.__wrapped__ == eager  # compiled lazily
     assert "forward" not in vars(model.vae)
+
+
+def test_compile_gives_the_eager_numbers_and_sees_weights_changed_later(tiny_model_dir, plain):
+    exact = Levers(channels_last=False, fp16_weights=False)
+    compiled, eager = pipeline(tiny_model_dir, Levers(channels_last=False, fp16_weights=False, compile=True)), \
+        pipeline(tiny_model_dir, exact)
+    latents = plain[0]
+    assert (latents_of(compiled) - latents).abs().max() <= 1e-5 * latents.abs().max()
+    for pipe in (compiled, eager):  # in place, as applying a LoRA does
+        with torch.no_grad():
+            pipe.model.unet.conv_in.weight.mul_(1.5)
+    changed = latents_of(eager)
+    assert (changed - latents).abs().max() > 1e-2 * latents.abs().max()
+    # the compiled code froze the old weights in; compiling again takes the new ones
+    assert (latents_of(compiled) - changed).abs().max() > 1e-2 * changed.abs().max()
+    accel.compile_unet(compiled.model.unet, compiled.device)
+    assert (latents_of(compiled) - changed).abs().max() <= 1e-5 * changed.abs().max()
+    assert accel.compile_cache().is_relative_to(os.environ["SFUMATO_CACHE"])
+
+
+def test_a_compiled_unet_is_compiled_again_when_its_loras_change(tiny_model_dir, tmp_path, monkeypatch):
+    from test_lora import kohya_file
+
+    compiled = []
+    monkeypatch.setattr(accel, "compile_unet", lambda unet, device: compiled.append(unet))
+    kohya_file(tmp_path / "a.safetensors")
+    pipe = Pipeline.load(str(tiny_model_dir), device="cpu", levers=Levers(compile=True), lora_dir=tmp_path)
+    assert compiled == [pipe.model.unet]
+    for prompt, compiles in [("x <lora:a:1>", 2), ("x <lora:a:1>", 2), ("x <lora:a:0.5>", 3), ("x", 4), ("x", 4)]:
+        pipe.generate(prompt=prompt, seed=1, steps=1, width=64, height=64)
+        assert len(compiled) == compiles, prompt
 
 
 def test_fp16_weights_store_half_and_compute_in_float32(tiny_model_dir, tmp_path, plain, monkeypatch):

@@ -230,9 +230,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return cache[key]["sha256"]
 
 
-def hash_cache_path() -> Path:
+def cache_folder() -> Path:
+    """sfumato's cache: $SFUMATO_CACHE, else $XDG_CACHE_HOME/sfumato, else ~/.cache/sfumato."""
     base = os.environ.get("SFUMATO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sfumato"
-    return Path(base) / "hashes.json"
+    return Path(base)
+
+
+def hash_cache_path() -> Path:
+    return cache_folder() / "hashes.json"
 
 
 def _read_hash_cache() -> dict:

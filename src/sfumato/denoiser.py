@@ -50,6 +50,8 @@ class UNetDenoiser:
                 f"unknown prediction type {prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}"
             )
         self.unet = unet
+        # Once: diffusers' .dtype walks every module (~3 ms on the built-in UNet, 7 % of a step)
+        self.dtype = unet.dtype
         self.prediction_type = prediction_type
         self.log_sigmas = model_sigmas(alphas_cumprod).log().float()
 
@@ -61,7 +63,7 @@ class UNetDenoiser:
     def __call__(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         # Scalings in fp32 even for an fp16 UNet: 1/sqrt(sigma^2+1) at sigma ~ 15 and the
         # x - sigma*eps cancellation near the end both lose too much in half precision.
-        dtype = self.unet.dtype
+        dtype = self.dtype
         sigma = sigma.float().reshape(-1, *[1] * (x.ndim - 1))
         c_in = (sigma**2 + 1).rsqrt()
         x32 = x.float()

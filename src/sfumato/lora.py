@@ -160,6 +160,11 @@ class LoraStack:
                         for name, lora, _, _ in loaded}
         return dict(self._hashes)
 
+    @property
+    def active(self) -> tuple:
+        """What is applied now: (path, file stamp, te weight, unet weight) per LoRA."""
+        return self._active
+
     def remove_all(self) -> None:
         self.activate([])
 

@@ -174,7 +174,11 @@ class Pipeline:
         if self._loras is None:
             self._loras = LoraStack(self.model, lora_dir=self.lora_dir,
                                     allow_paths=self.allow_lora_paths)
-        return self._loras.activate(specs)
+        before = self._loras.active
+        hashes = self._loras.activate(specs)
+        if self.levers.compile and self._loras.active != before:  # its frozen weights are stale
+            accel.compile_unet(self.model.unet, self.device)
+        return hashes
 
     def _finish(self, image: Image.Image, params: GenerationParams, index: int, width: int,
                 height: int, lora_hashes: dict[str, str], img2img: bool) -> GeneratedImage:
