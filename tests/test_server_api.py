@@ -288,3 +288,21 @@ def test_keys_files_json_and_toml(tmp_path):
     (tmp_path / "bad.json").write_text('{"keys": [{"key": "short"}]}')
     with pytest.raises(SfumatoError, match="at least 8"):
         load_keys_file(tmp_path / "bad.json")
+
+
+def test_serve_passes_its_levers_to_every_model_it_loads(tmp_path, monkeypatch):
+    import uvicorn
+    from click.testing import CliRunner
+
+    import sfumato.server.app
+    from sfumato.server.cli import serve
+
+    configs = []
+    monkeypatch.setattr(sfumato.server.app, "create_app", configs.append)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    out = ["--outputs", str(tmp_path / "out")]
+    result = CliRunner().invoke(serve, [*out, "--lever", "turbo"])
+    assert result.exit_code != 0 and "unknown speed lever 'turbo'" in result.output and not configs
+    assert CliRunner().invoke(serve, [*out, "--lever", "compile"]).exit_code == 0
+    factory = configs[0].engine_factory
+    assert factory.keywords == {"levers": ("compile",)}

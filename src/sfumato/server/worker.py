@@ -41,11 +41,15 @@ class Engine(Protocol):
 EngineFactory = Callable[[Path | None, Path | None, Path | None], Engine]
 
 
-def load_pipeline(model: Path | None, vae: Path | None, lora_dir: Path | None) -> Engine:
+def load_pipeline(model: Path | None, vae: Path | None, lora_dir: Path | None,
+                  levers: tuple[str, ...] = ()) -> Engine:
+    """levers: opt-in speed levers by name (sfumato.accel), as `sfumato serve --lever` gives them."""
+    from sfumato.accel import Levers
     from sfumato.pipeline import Pipeline
 
     # Prompts come from the network: a <lora:name> never names a file outside lora_dir.
-    return Pipeline.load(model, vae=vae, lora_dir=lora_dir, allow_lora_paths=False)
+    return Pipeline.load(model, vae=vae, lora_dir=lora_dir, allow_lora_paths=False,
+                         levers=Levers.parse(levers))
 
 
 # --- what may be loaded: names resolve only to entries listed inside the configured folders ---
