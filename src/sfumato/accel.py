@@ -10,10 +10,12 @@ to plain fp32 eager (9.4 s):
                                  of diffusers' step in `bench speed`: within this machine's noise)
   int8            lossy   0.75x  dynamic int8 nn.Linear (attention, feed-forward); eps max err 0.03
   bf16            lossy   9.1x   bf16 autocast: slower without avx512_bf16 / AMX (see has_fast_bf16)
-  compile         exact   0.5x   torch.compile (Inductor; on a CPU with `freezing`: weights folded in as
-                                 constants, convs' weights pre-packed for oneDNN). Built-in UNet, batch 2:
-                                 16 ms a call against 31 ms eager; compiling costs ~90 s per shape
-                                 once, ~8 s in a later process (Inductor's on-disk cache, COMPILE_CACHE)
+  compile         exact   0.57x  torch.compile (Inductor; on a CPU with `freezing`: weights folded in as
+                                 constants, convs' weights pre-packed for oneDNN). A built-in 128x128
+                                 image: 0.49 s against 0.86 s (median of 10, alternating, one process).
+                                 The first image of each size waits for compiling: ~100 s, ~60 s in a
+                                 later process (frozen graphs skip Inductor's graph cache; its C++
+                                 kernels are cached, in compile_cache()). For servers, not one-off runs
   fp16_weights    near    1.08x  weights stored in fp16, each layer cast to fp32 as it runs
                   exact          (sfumato.weight_casting): SD1.5 loads in 2.5 GB, not 4.9; one
                                  512x512 UNet call, 1 thread, machine loaded, median of 4: 18.7 s
