@@ -274,6 +274,39 @@ def test_init_from_another_architecture_is_a_user_error(assembled: Path, tmp_pat
                                    "--device", "cpu", "--init-from", str(assembled)], catch_exceptions=False)
 
 
+def test_a_unet_grown_by_attention_blocks_starts_as_the_smaller_one():
+    from sfumato.train.assemble import grow_into
+    from sfumato.train.unet import build_unet
+
+    small_arch = load_recipe("tiny_unet", gpu=False)["model"]
+    big_arch = {**small_arch, "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]}
+    torch.manual_seed(0)
+    small, big = build_unet(small_arch, 32, 8).eval(), build_unet(big_arch, 32, 8).eval()
+    new_keys = set(big.state_dict()) - set(small.state_dict())
+    assert new_keys and all(".attentions." in k for k in new_keys)
+    x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    grow_into(big, small.state_dict(), "small")
+    with torch.no_grad():
+        torch.testing.assert_close(big(x, 500, text).sample, small(x, 500, text).sample, rtol=0, atol=1e-6)
+    assert big.down_blocks[0].attentions[0].proj_in.weight.abs().sum() > 0  # only proj_out starts at zero
+    with pytest.raises(SfumatoError, match="does not fit inside this architecture"):
+        grow_into(small, big.state_dict(), "big")
+
+
+def test_a_grown_recipe_continues_an_assembled_unet(assembled: Path, tmp_path: Path):
+    grown = tmp_path / "grown.toml"
+    grown.write_text('base = "tiny_unet"\ninit_grows = true\n'
+                     '[model]\ndown_block_types = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]\n')
+    out = assembled.parent / "unet_grown"
+    run_stage("unet", out, "--config", str(grown), "--steps", "0", "--init-from", str(assembled))
+    start, saved = checkpoint(out)["model"], saved_tensors(assembled, "unet", assembled=True)
+    assert all(torch.equal(start[k], v) for k, v in saved.items())
+    new = [k for k in start if k not in saved]
+    assert any(k.startswith("down_blocks.0.attentions.0.") for k in new)  # and the up path's mirror
+    assert all(".attentions." in k for k in new)
+    assert not start["down_blocks.0.attentions.0.proj_out.weight"].any()
+
+
 def test_init_from_and_resume_together_is_a_user_error(assembled: Path, tmp_path: Path):
     with pytest.raises(SfumatoError, match="exclude each other"):
         CliRunner().invoke(train, ["vae", "--config", "tiny_vae", "--out", str(tmp_path), "--device", "cpu",

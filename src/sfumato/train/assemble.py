@@ -141,14 +141,18 @@ def _architecture(config: dict, prefix: str = "") -> dict:
     return flat
 
 
-def load_saved(module: torch.nn.Module, model_dir: str | Path, name: str) -> None:
+def load_saved(module: torch.nn.Module, model_dir: str | Path, name: str, grow: bool = False) -> None:
     """Component `name` of model_dir's weights into `module`, in the module's dtype (fp32).
 
     The saved config must describe the module's architecture: entries both configs have must agree
     (entries only one library version writes are let through), and every tensor must be there.
+    grow: the module may instead be the saved one plus attention blocks (see grow_into).
     """
     model_dir = Path(model_dir)
     saved_config, weights = saved_weights(model_dir, name)
+    if grow:
+        grow_into(module, weights, f"{model_dir}'s {name}")
+        return
     config = module.config  # transformers: a PretrainedConfig; diffusers: a FrozenDict
     built = _architecture(config.to_dict() if hasattr(config, "to_dict") else dict(config))
     saved = _architecture(saved_config)
@@ -164,6 +168,32 @@ def load_saved(module: torch.nn.Module, model_dir: str | Path, name: str) -> Non
         raise SfumatoError(f"{model_dir} lacks {name} weights {(missing + misshapen)[:3]} (or they have other "
                            f"shapes): give a folder `sfumato train assemble` wrote from this architecture")
     module.load_state_dict({key: weights[key].to(target[key].dtype) for key in target})
+
+
+def grow_into(module: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Load a smaller model's weights into `module`, which has every one of its tensors (same
+    names and shapes) and some attention blocks more (e.g. cross-attention at 16x16 where it had
+    a plain DownBlock2D). Each new block's output projection starts at zero, so the block adds
+    nothing and the grown model computes what the saved one did: training continues from there
+    instead of from scratch, which a 2-core CPU cannot afford for a new architecture."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    target = module.state_dict()
+    unused = [k for k in weights if k not in target or weights[k].shape != target[k].shape]
+    if unused:
+        raise SfumatoError(f"{source} does not fit inside this architecture: {unused[:3]} have no place "
+                           "of that shape (growing only adds attention blocks)")
+    new_blocks = {path: m for path, m in module.named_modules() if isinstance(m, Transformer2DModel)
+                  and not any(k.startswith(path + ".") for k in weights)}
+    strays = [k for k in target if k not in weights and not any(k.startswith(p + ".") for p in new_blocks)]
+    if strays:
+        raise SfumatoError(f"{source} lacks {strays[:3]}, which are not in a new attention block: growing only "
+                           "adds attention blocks")
+    module.load_state_dict({**target, **{k: v.to(target[k].dtype) for k, v in weights.items()}})
+    with torch.no_grad():
+        for block in new_blocks.values():
+            block.proj_out.weight.zero_()
+            block.proj_out.bias.zero_()
 
 
 def assemble_model(vae_dir: Path, clip_dir: Path, unet_dir: Path, out: Path, *, hardware: str = "") -> dict:

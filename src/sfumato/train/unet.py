@@ -138,8 +138,8 @@ def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
     del pool  # only latents are needed from here on
     scale = vae.config.scaling_factor
     unet = build_unet(r["model"], text_encoder.config.hidden_size, mean.shape[-1])
-    if run.init_from:
-        load_saved(unet, run.init_from, "unet")
+    if run.init_from:  # init_grows: the recipe adds attention blocks to the saved UNet
+        load_saved(unet, run.init_from, "unet", grow=r.get("init_grows", False))
     t = make_trainable(run, unet)  # after loading: the EMA starts from those weights
 
     def make_batch(step: int) -> dict:
