@@ -135,9 +135,9 @@ def prepare(model, levers: Levers = Levers(), device: torch.device | str = "cpu"
 
 
 def compile_cache() -> Path:
-    """Where Inductor keeps compiled kernels between processes: sfumato's cache folder, not /tmp,
-    so a reboot does not cost the minutes of a cold compile again. Its keys hash the graph, shapes
-    and (frozen) weights, so each checkpoint and size gets its own entries."""
+    """Where Inductor keeps what it compiled between processes: sfumato's cache folder, not /tmp,
+    which a reboot empties. With frozen weights only the C++ kernels (keyed by their source) are
+    reused; the graph is compiled again in each process (~60 s for the built-in UNet)."""
     from sfumato.checkpoints import cache_folder
 
     return cache_folder() / "inductor"
