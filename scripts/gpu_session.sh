@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call of at most 10 minutes: the whole built-in model from scratch (train_builtin.sh --gpu),
-# with two UNets side by side on the same VAE and CLIP (epsilon, and v-prediction on a zero-terminal-SNR
-# schedule) for the adherence benchmark to choose between, packed into parts small enough to copy back
-# (15 MB each).
+# with two UNets side by side on the same VAE and CLIP (the shipped architecture, and unet_attn16 with
+# cross-attention at 16x16 too) for the adherence benchmark to choose between, packed into parts small
+# enough to copy back (15 MB each). Session 5 paired unet_zero_snr instead: it did not win.
 #
 #   OUT=folder bash scripts/gpu_session.sh            # on the GPU machine
 #   OUT=/tmp/o bash scripts/gpu_session.sh --smoke    # here: the same plumbing with tiny recipes
@@ -23,7 +23,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=15 PYTHON=${PYTHON:-python3}
 # Both UNets beside each other on the same VAE and CLIP; the minute budgets are train_builtin.sh's --gpu ones.
-export UNETS=${UNETS:-unet unet_zero_snr}
+export UNETS=${UNETS:-unet unet_attn16}
 timeout 570 "$(dirname "$0")/train_builtin.sh" "$RUN" "$MODE" >"$OUT/train.log" 2>&1
 echo "train_builtin.sh exit status $?"
 tr '\r' '\n' <"$OUT/train.log" | grep -v '^\s*$' | grep -v '%|' | tail -40
