@@ -25,6 +25,7 @@ from sfumato.train.data import (
     eval_captions,
     load_tokenizer,
     render_pool,
+    to_model_images,
     tokenize,
 )
 from sfumato.train.unet import encode_latents
@@ -56,10 +57,10 @@ def main() -> None:
     pixels, scenes = render_pool(EVAL_SEED_OFFSET + 7, args.scenes, "train", pipe.model.default_size)
     with torch.inference_mode():
         latents = encode_latents(vae, pixels, torch.device("cpu"))[0] * vae.config.scaling_factor
-        captions = tokenize(load_tokenizer(), eval_captions(scenes, 7))
-        context = text_encoder(captions).last_hidden_state.float()
-        empty = text_encoder(tokenize(load_tokenizer(), [""] * len(scenes))).last_hidden_state.float()
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+        tokenizer = load_tokenizer()
+        context = text_encoder(tokenize(tokenizer, eval_captions(scenes, 7))).last_hidden_state.float()
+        empty = text_encoder(tokenize(tokenizer, [""] * len(scenes))).last_hidden_state.float()
+    images = to_model_images(pixels, torch.device("cpu"))
     on_object = object_weights(images, 1.0, torch.from_numpy(row_backgrounds(pixels))) - 1
     mask = F.max_pool2d(on_object, pixels.shape[1] // latents.shape[-1])  # latent pixels touching one
     spread = (latents - latents.mean((2, 3), keepdim=True)).pow(2).mean(1, keepdim=True)
