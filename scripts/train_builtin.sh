@@ -13,6 +13,7 @@
 #      VAE_MIN / DECODER_MIN / CLIP_MIN / UNET_MIN (minute budgets per stage),
 #      UNETS (UNet recipes to train, default "unet"; e.g. "unet unet_zero_snr" trains both on the same VAE
 #      and CLIP: the first is assembled into OUTDIR/builtin, each other one into OUTDIR/builtin-NAME).
+#      VAE_FROM / CLIP_FROM (a model folder): train the UNets on its VAE / CLIP instead of training those stages.
 #      PARALLEL (1 by default with --gpu): stages that do not depend on each other run at once (VAE beside
 #      CLIP, the UNets beside each other): these small models leave most of a GPU idle.
 set -euo pipefail
@@ -70,11 +71,14 @@ together() {  # together "STAGE CALLS" ...: all at once with PARALLEL=1, else on
   return $failed
 }
 
-unet_stage() { stage "$1" unet "$UNET_MIN" "${INIT_FROM:-}" --vae "$OUT/vae" --clip "$OUT/clip"; }
+ENCODER=${VAE_FROM:-$OUT/vae} DECODER=${VAE_FROM:-$OUT/vae_decoder} CLIP=${CLIP_FROM:-$OUT/clip}
+unet_stage() { stage "$1" unet "$UNET_MIN" "${INIT_FROM:-}" --vae "$ENCODER" --clip "$CLIP"; }
 
 TOTAL_START=$(date +%s)
-together "stage vae vae $VAE_MIN '${INIT_FROM:-}'; stage vae_decoder vae $DECODER_MIN '$OUT/vae'" \
-         "stage clip clip $CLIP_MIN '${INIT_FROM:-}'"   # vae_decoder: whole images, encoder kept
+first_stages=()  # vae_decoder: whole images, encoder kept
+[[ -n ${VAE_FROM:-} ]] || first_stages+=("stage vae vae $VAE_MIN '${INIT_FROM:-}'; stage vae_decoder vae $DECODER_MIN '$OUT/vae'")
+[[ -n ${CLIP_FROM:-} ]] || first_stages+=("stage clip clip $CLIP_MIN '${INIT_FROM:-}'")
+(( ${#first_stages[@]} == 0 )) || together "${first_stages[@]}"
 unet_calls=()
 for name in $UNETS; do unet_calls+=("unet_stage $name"); done
 together "${unet_calls[@]}"
@@ -83,7 +87,7 @@ HARDWARE=$($PYTHON -c "import torch; print(torch.cuda.get_device_name() if '$DEV
 first=1
 for name in $UNETS; do
   model="$OUT/builtin"; [[ $first == 1 ]] || model="$OUT/builtin-$name"; first=0
-  $PYTHON -m sfumato.train.cli assemble --vae "$OUT/vae_decoder" --clip "$OUT/clip" --unet "$OUT/$name" \
+  $PYTHON -m sfumato.train.cli assemble --vae "$DECODER" --clip "$CLIP" --unet "$OUT/$name" \
     --out "$model" --hardware "$HARDWARE"
   echo; echo "== $model"
   sed -n '/^## Figures/,/^## Recipes/p' "$model/MODEL_CARD.md" | sed '$d'
