@@ -48,6 +48,18 @@ def test_channels_last_leaves_outputs_equal(tiny_model_dir, plain):
     assert np.abs(np.asarray(pipe.generate(PARAMS)[0].image, int) - image).max() <= 1
 
 
+def test_channels_last_takes_the_vae_only_of_sd_sized_models(tiny_model_dir, plain, monkeypatch):
+    def vae_is_nhwc() -> bool:
+        pipe = pipeline(tiny_model_dir, Levers(channels_last=True, fp16_weights=False))
+        return pipe.model.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+    assert not vae_is_nhwc()  # the built-in model's image was slower with it
+    monkeypatch.setattr(accel, "FP16_WEIGHTS_MIN_PARAMS", 0)  # the tiny model stands in for an SD-sized one
+    assert vae_is_nhwc()
+    pipe = pipeline(tiny_model_dir, Levers(channels_last=True, fp16_weights=False))
+    assert np.abs(np.asarray(pipe.generate(PARAMS)[0].image, int) - plain[1]).max() <= 1
+
+
 def test_int8_is_lossy_but_close(tiny_model_dir, plain):
     pipe = pipeline(tiny_model_dir, Levers(int8=True))
     linears = [m for m in pipe.model.unet.modules() if type(m) is torch.nn.Linear]

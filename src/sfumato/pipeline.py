@@ -154,6 +154,7 @@ class Pipeline:
         return pick(0), pick(1)
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        accel.release_free_memory()  # what the steps freed, before the decode's big activations
         # One image at a time, for the same reason as one_image_at_a_time.
         images = torch.cat([latent_space.decode(self.model.vae, z[None]) for z in latents])
         array = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
