@@ -3,6 +3,9 @@
 # with two UNets side by side on the same VAE and CLIP (the shipped architecture, and unet_attn16 with
 # cross-attention at 16x16 too) for the adherence benchmark to choose between, packed into parts small
 # enough to copy back (15 MB each). Session 5 paired unet_zero_snr instead: it did not win.
+# Session 7 trained UNets only, on a given VAE and CLIP (model card):
+#   VAE_FROM=src/sfumato/models/builtin CLIP_FROM=MODEL UNETS="unet_wide unet_wide_zero_snr" UNET_MIN=7 \
+#     OUT=folder bash scripts/gpu_session.sh
 #
 #   OUT=folder bash scripts/gpu_session.sh            # on the GPU machine
 #   OUT=/tmp/o bash scripts/gpu_session.sh --smoke    # here: the same plumbing with tiny recipes
