@@ -75,10 +75,15 @@ OPTION_FIELDS = {
 @click.option("--lever", "levers", multiple=True,
               help="Speed lever, repeatable: deepcache, int8, bf16 (lossy), compile; no-NAME turns one "
                    "off (e.g. no-fp16_weights, on by default on the CPU: half the memory).")
+@click.option("--server", envvar="SFUMATO_SERVER",
+              help="Send the job to a running `sfumato serve` (or any A1111 API) at this URL instead of "
+                   "loading the model here: no imports or loading to wait for. --model then names one of "
+                   "the server's models. Env: SFUMATO_SERVER.")
+@click.option("--api-key", envvar="SFUMATO_API_KEY", help="With --server: its API key, if it asks for one.")
 @click.pass_context
 @user_errors
 def generate(ctx: click.Context, prompt: str | None, model, vae, loras, lora_dir, init_image,
-             from_png, out, device, allow_pickle, levers, **options) -> None:
+             from_png, out, device, allow_pickle, levers, server, api_key, **options) -> None:
     """Generate images from PROMPT and save them as PNGs with their parameters."""
     from sfumato.params import GenerationParams
 
@@ -95,6 +100,9 @@ def generate(ctx: click.Context, prompt: str | None, model, vae, loras, lora_dir
     params = (params.__class__(**{**params.to_dict(), **chosen}) if params
               else GenerationParams(**chosen)).validated()
     init = _open_image(init_image) if init_image else None
+    if server:
+        _generate_on_server(ctx, server, api_key, params, init_image, model, vae, Path(out))
+        return
 
     from tqdm import tqdm
 
@@ -112,6 +120,29 @@ def generate(ctx: click.Context, prompt: str | None, model, vae, loras, lora_dir
     for result in images:
         path = _save(result, Path(out))
         click.echo(f"{path}  seed={result.seed}")
+
+
+# Options that choose how this process runs a model: a server was started with its own.
+LOCAL_OPTIONS = {"loras": "--lora", "lora_dir": "--lora-dir", "device": "--device",
+                 "allow_pickle": "--allow-pickle", "levers": "--lever"}
+
+
+def _generate_on_server(ctx: click.Context, url: str, api_key: str | None, params, init_image: str | None,
+                        model: str | None, vae: str | None, out: Path) -> None:
+    from sfumato.files import write_bytes_atomic
+    from sfumato.remote import generate_remote
+
+    for name, option in LOCAL_OPTIONS.items():
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            raise SfumatoError(f"{option} is set where the server starts (`sfumato serve`), not with --server"
+                               + (": name a LoRA of the server's folder with <lora:name:weight> in the prompt"
+                                  if name == "loras" else ""))
+    click.echo(f"generating on {url} ...", err=True)
+    images = generate_remote(url, params, init_png=Path(init_image).read_bytes() if init_image else None,
+                             model=model, vae=vae, api_key=api_key)
+    for image in images:
+        path = write_bytes_atomic(_next_path(out, image.seed), image.png)
+        click.echo(f"{path}  seed={image.seed}")
 
 
 def _params_from_png(path: str):
@@ -140,11 +171,14 @@ def _save(result, folder: Path) -> Path:
     """A1111-style names, NNNNN-SEED.png, never overwriting an earlier image."""
     from sfumato.metadata import save_png
 
+    path = _next_path(folder, result.seed)
+    return save_png(result.image, path, infotext=result.infotext, params=result.params.to_dict())
+
+
+def _next_path(folder: Path, seed: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     numbers = [int(m.group(1)) for p in folder.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))]
-    index = max(numbers, default=-1) + 1
-    path = folder / f"{index:05d}-{result.seed}.png"
-    return save_png(result.image, path, infotext=result.infotext, params=result.params.to_dict())
+    return folder / f"{max(numbers, default=-1) + 1:05d}-{seed}.png"
 
 
 @click.command()

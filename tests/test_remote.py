@@ -1,0 +1,79 @@
+"""`sfumato generate --server URL` against a real server process (with the fake engine: no torch there)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from click.testing import CliRunner
+from server_helpers import ServerProcess, png_b64
+
+from sfumato.cli import cli
+from sfumato.metadata import read_png_text
+from sfumato.params import GenerationParams
+from sfumato.remote import a1111_request
+
+
+def run(*args, env: dict | None = None):
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    process = ServerProcess(tmp_path_factory.mktemp("out"), "--fake-step-seconds", "0")
+    yield process
+    process.stop()
+
+
+def test_generate_on_a_server_writes_its_pngs(server, tmp_path):
+    result = run("generate", "a red star", "--server", server.url, "--seed", 9, "--steps", 3,
+                 "-W", 96, "-H", 64, "--batch", 2, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    files = sorted(tmp_path.glob("*.png"))
+    assert [f.name for f in files] == ["00000-9.png", "00001-10.png"]
+    text = read_png_text(files[1])["parameters"]  # the server's own metadata, byte for byte
+    assert text.startswith("a red star\nSteps: 3") and "Seed: 10" in text and "Size: 96x64" in text
+    again = run("generate", "a red star", "--seed", 1, "--out", tmp_path, env={"SFUMATO_SERVER": server.url})
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "00002-1.png").exists()  # numbered after the earlier images, as locally
+
+
+def test_img2img_sends_the_image_and_its_strength():
+    params = GenerationParams("x", seed=3, steps=4, denoising_strength=0.4, clip_skip=2).validated()
+    path, body = a1111_request(params, init_png=b"png bytes", model="sd15.safetensors")
+    assert path == "/sdapi/v1/img2img" and base64.b64decode(body["init_images"][0]) == b"png bytes"
+    assert body["denoising_strength"] == 0.4 and body["seed"] == 3
+    assert body["override_settings"] == {"CLIP_stop_at_last_layers": 2, "sd_model_checkpoint": "sd15.safetensors"}
+    assert a1111_request(params)[0] == "/sdapi/v1/txt2img"
+
+
+def test_server_errors_and_local_options_are_one_line_errors(server, tmp_path):
+    refused = run("generate", "x", "--server", server.url, "--model", "nosuch", "--out", tmp_path)
+    assert refused.exit_code == 2 and "refused the job (HTTP 422): unknown model 'nosuch'" in refused.output
+    local = run("generate", "x", "--server", server.url, "--lora", "style.safetensors:0.8", "--out", tmp_path)
+    assert local.exit_code == 2 and "--lora is set where the server starts" in local.output
+    gone = run("generate", "x", "--server", "http://127.0.0.1:9", "--out", tmp_path)
+    assert gone.exit_code == 2 and "no server answers at http://127.0.0.1:9" in gone.output
+    assert "Traceback" not in refused.output + local.output + gone.output
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_server_with_a_key_needs_it(tmp_path):
+    server = ServerProcess(tmp_path / "out", "--fake-step-seconds", "0", "--api-key", "s3cret")
+    try:
+        denied = run("generate", "x", "--server", server.url, "--out", tmp_path / "a")
+        assert denied.exit_code == 2 and "HTTP 401" in denied.output
+        allowed = run("generate", "x", "--server", server.url, "--api-key", "s3cret", "--out", tmp_path / "b")
+        assert allowed.exit_code == 0, allowed.output
+        assert len(list((tmp_path / "b").glob("*.png"))) == 1
+    finally:
+        server.stop()
+
+
+def test_init_image_reaches_the_server(server, tmp_path):
+    image = tmp_path / "init.png"
+    image.write_bytes(base64.b64decode(png_b64()))
+    result = run("generate", "x", "--server", server.url, "--init-image", image, "-W", 64, "-H", 64,
+                 "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
