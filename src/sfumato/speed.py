@@ -331,7 +331,48 @@ def time_startup(model: Path, runs: int, out: Path) -> dict:
         found["cpu_s"].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
         found["phases"].append(spawn({"side": "startup", "model": str(model), "out": str(out),
                                       "spawned": time.monotonic()}))
+    found["server_wall_s"] = time_server_generate(model, runs, out)
     return found
+
+
+def time_server_generate(model: Path, runs: int, out: Path) -> list[float]:
+    """`sfumato generate --server` wall times against a `sfumato serve` of the same model, after one
+    untimed job (the server loads its model on the first)."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "sfumato.cli", "serve", "--model", str(model), "--port",
+                               str(port), "--outputs", str(out / "server")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "sfumato.cli", "generate", PROMPT, "--server", url, "--seed", "1",
+               "--out", str(out)]
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise click.ClickException("`sfumato serve` did not start for the --server timing") from None
+                time.sleep(0.2)
+        walls = []
+        for run in range(runs + 1):
+            start = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise click.ClickException(f"`sfumato generate --server` failed:\n{done.stderr[-3000:]}")
+            if run:  # the first job loads the server's model
+                walls.append(time.perf_counter() - start)
+        return walls
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def format_startup(found: dict) -> str:
@@ -343,6 +384,8 @@ def format_startup(found: dict) -> str:
         f"median {statistics.median(walls):.2f} s of {len(walls)} ({', '.join(f'{t:.2f}' for t in walls)}), "
         f"CPU (user+sys) median {statistics.median(found['cpu_s']):.2f} s",
         f"  its phases (s), median of {len(walls)} fresh processes: {phases}",
+        f"`sfumato generate --server` wall, against a running `sfumato serve` of the model: median "
+        f"{statistics.median(found['server_wall_s']):.2f} s ({', '.join(f'{t:.2f}' for t in found['server_wall_s'])})",
         f"  machine: load average {found['loadavg']:.1f} on {os.cpu_count()} CPUs at the start"])
 
 
