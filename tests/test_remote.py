@@ -11,7 +11,7 @@ from server_helpers import ServerProcess, png_b64
 from sfumato.cli import cli
 from sfumato.metadata import read_png_text
 from sfumato.params import GenerationParams
-from sfumato.remote import a1111_request
+from sfumato.remote import a1111_request, generate_remote
 
 
 def run(*args, env: dict | None = None):
@@ -77,3 +77,16 @@ def test_init_image_reaches_the_server(server, tmp_path):
                  "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+def test_progress_is_reported_while_the_server_samples(tmp_path):
+    server = ServerProcess(tmp_path / "out", "--fake-step-seconds", "0.1")
+    try:
+        seen = []
+        params = GenerationParams("x", seed=1, steps=12, width=64, height=64).validated()
+        [image] = generate_remote(server.url, params, on_progress=lambda step, steps: seen.append((step, steps)))
+        assert image.seed == 1 and image.png.startswith(b"\x89PNG")
+        assert seen and all(steps == 12 and 0 <= step <= 12 for step, steps in seen)
+        assert any(step > 0 for step, _ in seen)
+    finally:
+        server.stop()

@@ -88,8 +88,8 @@ def generate(ctx: click.Context, prompt: str | None, model, vae, loras, lora_dir
     from sfumato.params import GenerationParams
 
     params = _params_from_png(from_png) if from_png else None
-    if from_png:  # the lossy levers it was made with, unless the command line turns them off
-        levers = (*_levers_from_png(from_png), *levers)
+    png_levers = _levers_from_png(from_png) if from_png else []
+    levers = (*png_levers, *levers)  # the lossy levers it was made with, unless the command line turns them off
     if params is None and prompt is None:
         raise SfumatoError("give a PROMPT (or --from IMAGE.png)")
     chosen = {OPTION_FIELDS[name]: value for name, value in options.items()
@@ -101,6 +101,9 @@ def generate(ctx: click.Context, prompt: str | None, model, vae, loras, lora_dir
               else GenerationParams(**chosen)).validated()
     init = _open_image(init_image) if init_image else None
     if server:
+        if png_levers:
+            click.echo(f"note: {from_png} was made with the lever(s) {', '.join(png_levers)}; the server "
+                       "applies its own (`sfumato serve --lever ...`), so the picture may differ", err=True)
         _generate_on_server(ctx, server, api_key, params, init_image, model, vae, Path(out))
         return
 
@@ -137,9 +140,15 @@ def _generate_on_server(ctx: click.Context, url: str, api_key: str | None, param
             raise SfumatoError(f"{option} is set where the server starts (`sfumato serve`), not with --server"
                                + (": name a LoRA of the server's folder with <lora:name:weight> in the prompt"
                                   if name == "loras" else ""))
-    click.echo(f"generating on {url} ...", err=True)
-    images = generate_remote(url, params, init_png=Path(init_image).read_bytes() if init_image else None,
-                             model=model, vae=vae, api_key=api_key)
+    from tqdm import tqdm
+
+    with tqdm(total=params.steps, desc=f"sampling on {url}", unit="step", leave=False) as bar:
+        def progress(step: int, total: int) -> None:
+            bar.total = total
+            bar.update(step - bar.n)
+
+        images = generate_remote(url, params, init_png=Path(init_image).read_bytes() if init_image else None,
+                                 model=model, vae=vae, api_key=api_key, on_progress=progress)
     for image in images:
         path = write_bytes_atomic(_next_path(out, image.seed), image.png)
         click.echo(f"{path}  seed={image.seed}")

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,13 +45,21 @@ def a1111_request(params: GenerationParams, *, init_png: bytes | None = None, mo
 
 def generate_remote(url: str, params: GenerationParams, *, init_png: bytes | None = None,
                     model: str | None = None, vae: str | None = None, api_key: str | None = None,
+                    on_progress: Callable[[int, int], None] | None = None,
                     timeout: float = 3600.0) -> list[RemoteImage]:
-    """Run one job on the server at `url` and return its images (blocking until they are made)."""
+    """Run one job on the server at `url` and return its images (blocking until they are made).
+
+    on_progress(step, steps) is called from another thread with the server's sampling progress,
+    polled from /sdapi/v1/progress (A1111's: the server's current job, which is ours unless other
+    clients' jobs are queued before it)."""
+    url = url.rstrip("/")
     path, body = a1111_request(params, init_png=init_png, model=model, vae=vae)
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(url.rstrip("/") + path, data=json.dumps(body).encode(), headers=headers)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(),
+                                     headers={**headers, "Content-Type": "application/json"})
+    done = threading.Event()
+    if on_progress is not None:
+        threading.Thread(target=_poll_progress, args=(url, headers, done, on_progress), daemon=True).start()
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             reply = json.load(response)
@@ -59,12 +69,28 @@ def generate_remote(url: str, params: GenerationParams, *, init_png: bytes | Non
         reason = getattr(error, "reason", error)
         raise SfumatoError(f"no server answers at {url} ({reason}): start one with `sfumato serve`, "
                            "or leave out --server to generate in this process") from None
+    finally:
+        done.set()
     try:
         seeds = json.loads(reply["info"])["all_seeds"]
         return [RemoteImage(int(seed), base64.b64decode(image))
                 for seed, image in zip(seeds, reply["images"], strict=True)]
     except (KeyError, TypeError, ValueError) as error:
         raise SfumatoError(f"the server at {url} answered, but not as an A1111 API does ({error!r})") from None
+
+
+def _poll_progress(url: str, headers: dict[str, str], done: threading.Event,
+                   on_progress: Callable[[int, int], None], every: float = 0.5) -> None:
+    request = urllib.request.Request(url + "/sdapi/v1/progress?skip_current_image=true", headers=headers)
+    while not done.wait(every):
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                state = json.load(response)["state"]
+            step, steps = int(state["sampling_step"]), int(state["sampling_steps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # progress is a nicety: the job's own request reports what went wrong
+        if steps and not done.is_set():
+            on_progress(step, steps)
 
 
 def _detail(error: urllib.error.HTTPError) -> str:
