@@ -6,7 +6,8 @@ At the first step (t = 999) the UNet's estimate of the final image, x0, should d
 prompt alone: pure noise holds no picture. A noise schedule that leaves some signal at t = 999
 (SD's keeps sqrt(alpha_bar) = 0.07) teaches the model to read a picture off the noise, and then
 the seed decides and the prompt barely matters. Prints the share of x0's variance explained by
-the seed and by the prompt, over a grid of seeds x prompts.
+the seed and by the prompt, over a grid of seeds x prompts; then the same split of the finished
+latents (20 steps of the default sampler, CFG 7): what decides the picture a user gets.
 """
 
 from __future__ import annotations
@@ -37,6 +38,18 @@ def x0_at_the_first_step(pipe, seeds: int) -> torch.Tensor:
     return x0.reshape(seeds, len(PROMPTS), *x0.shape[1:])
 
 
+@torch.inference_mode()
+def final_latents(pipe, seeds: int) -> torch.Tensor:
+    """(seeds, prompts, c, h, w): the latents a whole generation ends with (before the VAE)."""
+    from sfumato.params import GenerationParams
+
+    size = pipe.model.default_size
+    rows = [[pipe.sample_latents(params := GenerationParams(prompt, seed=seed, steps=20, cfg_scale=7.0).validated(),
+                                 params.prompt, params.negative_prompt, size, size)[0]
+             for prompt in PROMPTS] for seed in range(seeds)]
+    return torch.stack([torch.stack(row) for row in rows]).float()
+
+
 def variance_shares(x0: torch.Tensor) -> tuple[float, float]:
     """Shares of the total variance explained by the seed (axis 0) and by the prompt (axis 1)."""
     mean = x0.mean((0, 1), keepdim=True)
@@ -55,6 +68,9 @@ def main() -> None:
     by_seed, by_prompt = variance_shares(x0_at_the_first_step(pipe, args.seeds))
     print(f"{pipe.model.name}: x0 at t=999, share of variance explained by the seed {by_seed:.2f}, "
           f"by the prompt {by_prompt:.2f} ({args.seeds} seeds x {len(PROMPTS)} prompts)")
+    by_seed, by_prompt = variance_shares(final_latents(pipe, args.seeds))
+    print(f"{pipe.model.name}: finished latents (20 steps, CFG 7), explained by the seed {by_seed:.2f}, "
+          f"by the prompt {by_prompt:.2f}")
 
 
 if __name__ == "__main__":
