@@ -54,7 +54,9 @@ def test_server_errors_and_local_options_are_one_line_errors(server, tmp_path):
     assert local.exit_code == 2 and "--lora is set where the server starts" in local.output
     gone = run("generate", "x", "--server", "http://127.0.0.1:9", "--out", tmp_path)
     assert gone.exit_code == 2 and "no server answers at http://127.0.0.1:9" in gone.output
-    assert "Traceback" not in refused.output + local.output + gone.output
+    no_scheme = run("generate", "x", "--server", "127.0.0.1:7860", "--out", tmp_path)
+    assert no_scheme.exit_code == 2 and "give the server's http:// or https:// URL" in no_scheme.output
+    assert "Traceback" not in refused.output + local.output + gone.output + no_scheme.output
     assert not list(tmp_path.glob("*.png"))
 
 

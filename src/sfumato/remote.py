@@ -46,12 +46,15 @@ def a1111_request(params: GenerationParams, *, init_png: bytes | None = None, mo
 def generate_remote(url: str, params: GenerationParams, *, init_png: bytes | None = None,
                     model: str | None = None, vae: str | None = None, api_key: str | None = None,
                     on_progress: Callable[[int, int], None] | None = None,
-                    timeout: float = 3600.0) -> list[RemoteImage]:
+                    timeout: float | None = None) -> list[RemoteImage]:
     """Run one job on the server at `url` and return its images (blocking until they are made).
 
     on_progress(step, steps) is called from another thread with the server's sampling progress,
     polled from /sdapi/v1/progress (A1111's: the server's current job, which is ours unless other
-    clients' jobs are queued before it)."""
+    clients' jobs are queued before it). No timeout by default: an SD job on a CPU may take an hour."""
+    if not url.startswith(("http://", "https://")):
+        raise SfumatoError(f"--server {url!r}: give the server's http:// or https:// URL, "
+                           "e.g. http://127.0.0.1:7860")
     url = url.rstrip("/")
     path, body = a1111_request(params, init_png=init_png, model=model, vae=vae)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
