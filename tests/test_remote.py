@@ -92,3 +92,12 @@ def test_progress_is_reported_while_the_server_samples(tmp_path):
         assert any(step > 0 for step, _ in seen)
     finally:
         server.stop()
+
+
+def test_ctrl_c_says_the_job_goes_on_in_the_server(server, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("sfumato.remote.generate_remote", interrupted)
+    result = run("generate", "x", "--server", server.url, "--out", tmp_path)
+    assert result.exit_code == 130 and "the server goes on with the job" in result.output

@@ -147,8 +147,13 @@ def _generate_on_server(ctx: click.Context, url: str, api_key: str | None, param
             bar.total = total
             bar.update(step - bar.n)
 
-        images = generate_remote(url, params, init_png=Path(init_image).read_bytes() if init_image else None,
-                                 model=model, vae=vae, api_key=api_key, on_progress=progress)
+        try:
+            images = generate_remote(url, params, init_png=Path(init_image).read_bytes() if init_image else None,
+                                     model=model, vae=vae, api_key=api_key, on_progress=progress)
+        except KeyboardInterrupt:  # the job is the server's now: say so rather than "Aborted!"
+            click.echo(f"\nstopped waiting; the server goes on with the job and keeps its images "
+                       f"(POST {url.rstrip('/')}/sdapi/v1/interrupt stops its current job)", err=True)
+            sys.exit(130)
     for image in images:
         path = write_bytes_atomic(_next_path(out, image.seed), image.png)
         click.echo(f"{path}  seed={image.seed}")
