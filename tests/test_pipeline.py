@@ -141,3 +141,16 @@ def test_untrusted_lora_names_stay_inside_the_lora_folder(tiny_model_dir, tmp_pa
     for name in (str(outside), "../outside"):
         with pytest.raises(LoraError):
             pipe.generate(prompt=f"x <lora:{name}:1>", seed=1, steps=1, width=64, height=64)
+
+
+def test_the_heap_is_trimmed_before_big_decodes_only(pipe, monkeypatch):
+    from sfumato import accel, pipeline
+
+    trims = []
+    monkeypatch.setattr(accel, "release_free_memory", lambda: trims.append(1))
+    latents = torch.zeros(1, 4, 8, 8)
+    pipe.decode(latents)
+    assert trims == []  # a small decode: handing the pages back would cost more than it saves
+    monkeypatch.setattr(pipeline, "TRIM_BEFORE_DECODE_LATENT_PIXELS", 8 * 8)
+    pipe.decode(latents)
+    assert trims == [1]

@@ -145,8 +145,9 @@ def release_free_memory() -> None:
 
     glibc keeps memory a process has freed for reuse, and after loading (converted copies of the
     weights) or the UNet's steps that is hundreds of MB still counted as resident: trimming before
-    the VAE decode, the peak of a 512x512 SD1.5 image, cut it from 3,640 to 3,460 MB. No library
-    wraps this call; elsewhere than glibc (macOS, musl) it is a no-op."""
+    the VAE decode, the peak of a 512x512 SD1.5 image, cut it from 3,640 to 3,460 MB (see
+    pipeline.TRIM_BEFORE_DECODE_LATENT_PIXELS). No library wraps this call; elsewhere than glibc
+    (macOS, musl) it is a no-op."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
 

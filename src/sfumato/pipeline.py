@@ -30,6 +30,13 @@ from sfumato.text import TextEncoder
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
+# From this latent size on (a 512x512 image) the heap the steps freed is handed back before the
+# decode, whose activations are the peak of a generation (SD1.5 512x512: 3,640 -> 3,460 MB). Below
+# it the decode is small, and taking the pages back costs more than it saves: a built-in 128x128
+# image took 0.72 s against 0.69 s with it (median of 12, alternating in one process).
+TRIM_BEFORE_DECODE_LATENT_PIXELS = 64 * 64
+
+
 @dataclass
 class GeneratedImage:
     image: Image.Image
@@ -154,7 +161,8 @@ class Pipeline:
         return pick(0), pick(1)
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        accel.release_free_memory()  # what the steps freed, before the decode's big activations
+        if latents.shape[-2] * latents.shape[-1] >= TRIM_BEFORE_DECODE_LATENT_PIXELS:
+            accel.release_free_memory()  # what the steps freed, before the decode's big activations
         # One image at a time, for the same reason as one_image_at_a_time.
         images = torch.cat([latent_space.decode(self.model.vae, z[None]) for z in latents])
         array = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
