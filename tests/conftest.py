@@ -11,6 +11,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 settings.register_profile("sfumato", derandomize=True, deadline=None)
 settings.load_profile("sfumato")
 os.environ.setdefault("SFUMATO_CACHE", tempfile.mkdtemp(prefix="sfumato-test-cache-"))
+# A developer's own server must not receive the tests' `generate` jobs (`generate --server`).
+for name in ("SFUMATO_SERVER", "SFUMATO_API_KEY"):
+    os.environ.pop(name, None)
 
 
 @pytest.fixture(scope="session")
