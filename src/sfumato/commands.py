@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,22 +109,29 @@ def generate(ctx: click.Context, prompt: str | None, model, vae, loras, lora_dir
         _generate_on_server(ctx, server, api_key, params, init_image, model, vae, Path(out))
         return
 
-    from tqdm import tqdm
-
     import sfumato
     from sfumato.accel import Levers
 
     pipe = sfumato.load(model, vae=vae, device=device, allow_pickle=allow_pickle, lora_dir=lora_dir,
                         levers=Levers.parse(levers))
-    with tqdm(total=params.steps, desc="sampling", unit="step", leave=False) as bar:
-        def progress(step: int, total: int, _latents) -> None:
-            bar.total = total
-            bar.update(step - bar.n)
-
+    with _progress_bar(params.steps, "sampling") as progress:
         images = pipe.generate(params, callback=progress, init_image=init)
     for result in images:
         path = _save(result, Path(out))
         click.echo(f"{path}  seed={result.seed}")
+
+
+@contextlib.contextmanager
+def _progress_bar(steps: int, desc: str) -> Iterator[Callable[..., None]]:
+    """A tqdm bar and its callback, update(step, total, *rest): the pipeline's and the server's."""
+    from tqdm import tqdm
+
+    with tqdm(total=steps, desc=desc, unit="step", leave=False) as bar:
+        def update(step: int, total: int, *_rest: Any) -> None:
+            bar.total = total
+            bar.update(step - bar.n)
+
+        yield update
 
 
 # Options that choose how this process runs a model: a server was started with its own.
@@ -140,13 +149,7 @@ def _generate_on_server(ctx: click.Context, url: str, api_key: str | None, param
             raise SfumatoError(f"{option} is set where the server starts (`sfumato serve`), not with --server"
                                + (": name a LoRA of the server's folder with <lora:name:weight> in the prompt"
                                   if name == "loras" else ""))
-    from tqdm import tqdm
-
-    with tqdm(total=params.steps, desc=f"sampling on {url}", unit="step", leave=False) as bar:
-        def progress(step: int, total: int) -> None:
-            bar.total = total
-            bar.update(step - bar.n)
-
+    with _progress_bar(params.steps, f"sampling on {url}") as progress:
         try:
             images = generate_remote(url, params, init_png=Path(init_image).read_bytes() if init_image else None,
                                      model=model, vae=vae, api_key=api_key, on_progress=progress)
