@@ -200,3 +200,38 @@ def test_fp16_weights_on_a_small_model_cast_once_to_the_same_numbers(tiny_model_
     hooked = pipeline(tiny_model_dir, Levers(fp16_weights=True))
     assert hooked.model.unet.conv_in.weight.dtype == torch.float16
     assert torch.equal(latents_of(cast_once), latents_of(hooked))
+
+
+def test_tome_merges_half_the_full_resolution_tokens_reproducibly(tiny_model_dir, plain):
+    pipe = pipeline(tiny_model_dir, Levers(tome=True))
+    tokens = []
+    merged = [m for m in pipe.model.unet.modules() if type(m).__name__ == "ToMeBlock"]
+    for block in merged:
+        block.attn1.register_forward_pre_hook(lambda _, args: tokens.append(args[0].shape[1]))
+    ours, reference = latents_of(pipe), plain[0]
+    assert merged and tokens
+    # the 8x8 latent's 64 tokens, half of them merged; the 4x4 mid block's 16 left alone
+    assert set(tokens) == {32, 16}
+    assert 0 < (ours - reference).abs().max() < 0.5 * reference.abs().max()
+    assert torch.equal(ours, latents_of(pipe))  # no random merge targets: a seed is one picture
+    infotext = pipe.generate(PARAMS)[0].infotext
+    assert "Sfumato levers: tome" in infotext and "Token merging ratio: 0.5" in infotext
+
+
+def test_tome_works_under_deepcache_which_skips_the_unet_forward(tiny_model_dir, plain):
+    ours = latents_of(pipeline(tiny_model_dir, Levers(tome=True, deepcache=True)))
+    alone = latents_of(pipeline(tiny_model_dir, Levers(deepcache=True)))
+    assert torch.isfinite(ours).all() and not torch.equal(ours, alone)
+    assert (ours - plain[0]).abs().max() < 0.5 * plain[0].abs().max()
+
+
+def test_tome_says_so_when_a_model_has_no_full_resolution_attention(caplog):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    accel.merge_tokens(unet, torch.device("cpu"))
+    assert "changes nothing on this model" in caplog.text
+    assert not [m for m in unet.modules() if type(m).__name__ == "ToMeBlock"]

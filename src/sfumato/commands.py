@@ -75,7 +75,7 @@ OPTION_FIELDS = {
 @click.option("--device", help="cpu | cuda | cuda:N | mps; default: best available.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .ckpt/.pt (loaded with weights_only=True).")
 @click.option("--lever", "levers", multiple=True,
-              help="Speed lever, repeatable: deepcache, int8, bf16 (lossy), compile; no-NAME turns one "
+              help="Speed lever, repeatable: deepcache, tome, int8, bf16 (lossy), compile; no-NAME turns one "
                    "off (e.g. no-fp16_weights, on by default on the CPU: half the memory).")
 @click.option("--server", envvar="SFUMATO_SERVER",
               help="Send the job to a running `sfumato serve` (or any A1111 API) at this URL instead of "

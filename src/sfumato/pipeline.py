@@ -200,6 +200,8 @@ class Pipeline:
             extra["Lora hashes"] = ", ".join(f"{n}: {h}" for n, h in lora_hashes.items())
         if self.levers.lossy_names():  # the same seed gives another picture without them
             extra[LEVERS_KEY] = ", ".join(self.levers.lossy_names())
+        if self.levers.tome:  # A1111's key for the same thing
+            extra["Token merging ratio"] = f"{accel.TOME_RATIO:g}"
         text = infotext(one, seed=seed, width=width, height=height, model_name=self.model.name,
                         model_hash=self.model.hash, extra=extra)
         return GeneratedImage(image=image, seed=seed, params=one, infotext=text)
