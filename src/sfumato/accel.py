@@ -23,10 +23,10 @@ to plain fp32 eager (9.4 s):
                                  Models under FP16_WEIGHTS_MIN_PARAMS get the same numbers cheaper
   deepcache       lossy   ~0.5x  DeepCache, interval 3: a cached SD1.5 call costs ~0.22x of a full one
                                  (256x256, this machine under load); see sfumato.deepcache
-  tome            lossy   0.79x  ToMe, ratio 0.5, in the full-resolution self-attention: one SD1.5 call
-                                 at 768x768, 42.5 -> 33.6 s (median of 3, alternating, one process);
-                                 at 512x512 only ~0.95x (a 4-step image 90.7 -> 87.0 s): attention
-                                 grows with the square of the tokens, the convolutions linearly.
+  tome            lossy   0.83x  ToMe, ratio 0.5, in the full-resolution self-attention: one SD1.5 call
+                                 at 768x768, 39.6 -> 32.9 s (scripts/lever_ab.py --unet-call, median
+                                 of 3); at 512x512 only ~0.95x (a 4-step image 90.7 -> 87.0 s):
+                                 attention grows with the square of the tokens, convolutions linearly.
                                  Nothing to merge in SDXL or the built-in model (see merge_tokens)
 
 SDPA attention needs no lever: diffusers' default AttnProcessor2_0 already calls
