@@ -338,29 +338,16 @@ def time_startup(model: Path, runs: int, out: Path) -> dict:
 def time_server_generate(model: Path, runs: int, out: Path) -> list[float]:
     """`sfumato generate --server` wall times against a `sfumato serve` of the same model, after one
     untimed job (the server loads its model on the first)."""
-    import socket
-    import urllib.request
+    from sfumato.server.loadbench import free_port, start_server, wait_healthy
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "sfumato.cli", "serve", "--model", str(model), "--port",
-                               str(port), "--outputs", str(out / "server")], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = start_server(out / "server", str(model), port)
     command = [sys.executable, "-m", "sfumato.cli", "generate", PROMPT, "--server", url, "--seed", "1",
                "--out", str(out)]
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise click.ClickException("`sfumato serve` did not start for the --server timing") from None
-                time.sleep(0.2)
+        wait_healthy(url, server)
         walls = []
         for run in range(runs + 1):
             start = time.perf_counter()

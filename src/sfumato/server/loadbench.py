@@ -39,16 +39,18 @@ def start_server(outputs: Path, model: str | None, port: int) -> subprocess.Pope
 
 
 def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
-    import httpx
+    # urllib, not httpx: `bench speed` waits for a server too, and httpx is only a test dependency
+    import urllib.request
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise click.ClickException(f"server exited: {process.stderr.read().decode()[-2000:]}")
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
+            with urllib.request.urlopen(url + "/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
             time.sleep(0.2)
     raise click.ClickException("server did not start")
 
