@@ -1,3 +1,4 @@
+import dataclasses
 import os
 
 import numpy as np
@@ -36,6 +37,16 @@ def test_defaults_are_exact_or_near_exact_levers_only():
     assert Levers.parse(["int8", "no-channels_last"]) == Levers(channels_last=False, int8=True)
     with pytest.raises(ParamError, match="allowed: channels_last"):
         Levers.parse(["turbo"])
+
+
+def test_tome_takes_a_ratio_and_a_later_name_wins():
+    assert Levers.parse(["tome"]).tome == accel.TOME_RATIO
+    assert Levers.parse(["tome=0.3"]).tome == 0.3
+    assert Levers.parse(["tome=0.3", "no-tome"]).tome == 0.0
+    for bad, needle in [("tome=1.5", "from 0 .off. to 0.9"), ("tome=half", "from 0"),
+                        ("int8=1", "takes no value")]:
+        with pytest.raises(ParamError, match=needle):
+            Levers.parse([bad])
 
 
 def test_channels_last_leaves_outputs_equal(tiny_model_dir, plain):
@@ -203,7 +214,7 @@ def test_fp16_weights_on_a_small_model_cast_once_to_the_same_numbers(tiny_model_
 
 
 def test_tome_merges_half_the_full_resolution_tokens_reproducibly(tiny_model_dir, plain):
-    pipe = pipeline(tiny_model_dir, Levers(tome=True))
+    pipe = pipeline(tiny_model_dir, Levers(tome=accel.TOME_RATIO))
     tokens = []
     merged = [m for m in pipe.model.unet.modules() if type(m).__name__ == "ToMeBlock"]
     for block in merged:
@@ -218,8 +229,21 @@ def test_tome_merges_half_the_full_resolution_tokens_reproducibly(tiny_model_dir
     assert "Sfumato levers: tome" in infotext and "Token merging ratio: 0.5" in infotext
 
 
+def test_a_request_sets_its_own_token_merging_ratio_and_zero_restores_the_plain_unet(tiny_model_dir):
+    pipe = pipeline(tiny_model_dir, Levers())
+    plain_image = np.asarray(pipe.generate(PARAMS)[0].image)
+    merged = pipe.generate(dataclasses.replace(PARAMS, token_merging_ratio=0.5))[0]
+    by_lever = pipeline(tiny_model_dir, Levers(tome=0.5)).generate(PARAMS)[0]
+    assert np.array_equal(np.asarray(merged.image), np.asarray(by_lever.image))
+    assert "Token merging ratio: 0.5" in merged.infotext and merged.params.token_merging_ratio == 0.5
+    assert not np.array_equal(np.asarray(merged.image), plain_image)
+    again = pipe.generate(PARAMS)[0]  # no ratio asked: the pipeline's lever (off) again
+    assert np.array_equal(np.asarray(again.image), plain_image)
+    assert "Token merging" not in again.infotext and "Sfumato levers" not in again.infotext
+
+
 def test_tome_works_under_deepcache_which_skips_the_unet_forward(tiny_model_dir, plain):
-    ours = latents_of(pipeline(tiny_model_dir, Levers(tome=True, deepcache=True)))
+    ours = latents_of(pipeline(tiny_model_dir, Levers(tome=accel.TOME_RATIO, deepcache=True)))
     alone = latents_of(pipeline(tiny_model_dir, Levers(deepcache=True)))
     assert torch.isfinite(ours).all() and not torch.equal(ours, alone)
     assert (ours - plain[0]).abs().max() < 0.5 * plain[0].abs().max()

@@ -44,6 +44,33 @@ def test_generate_from_png_recreates_the_image(tiny_model_dir, tmp_path, levers)
         assert Image.open(other).tobytes() != Image.open(original).tobytes()
 
 
+def test_generate_from_an_a1111_png_merges_tokens_at_its_ratio(tiny_model_dir, tmp_path):
+    from PIL import Image, PngImagePlugin
+
+    first = run("generate", "a blue ring", "--model", tiny_model_dir, "--seed", 4, "--steps", 4,
+                "-W", 64, "-H", 64, "--lever", "tome=0.3", "--out", tmp_path / "a")
+    assert first.exit_code == 0, first.output
+    [original] = (tmp_path / "a").glob("*.png")
+    infotext = read_png_text(original)["parameters"]
+    assert "Token merging ratio: 0.3" in infotext
+    # as A1111 writes it: its own key only, and no sfumato JSON chunk
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", infotext.replace("Sfumato levers: tome, ", ""))
+    Image.open(original).save(tmp_path / "a1111.png", pnginfo=info)
+
+    again = run("generate", "--from", tmp_path / "a1111.png", "--model", tiny_model_dir, "--out", tmp_path / "b")
+    assert again.exit_code == 0, again.output
+    [copy] = (tmp_path / "b").glob("*.png")
+    assert Image.open(copy).tobytes() == Image.open(original).tobytes()
+    assert "Token merging ratio: 0.3" in read_png_text(copy)["parameters"]
+    off = run("generate", "--from", tmp_path / "a1111.png", "--model", tiny_model_dir, "--out", tmp_path / "c",
+              "--lever", "no-tome")
+    assert off.exit_code == 0, off.output
+    [other] = (tmp_path / "c").glob("*.png")
+    assert Image.open(other).tobytes() != Image.open(original).tobytes()
+    assert "Token merging" not in read_png_text(other)["parameters"]
+
+
 def test_bad_input_exits_2_without_traceback(tiny_model_dir, tmp_path):
     for args, needle in [
         (["--steps", 0], "steps must be between 1 and 150"),

@@ -45,6 +45,8 @@ def test_img2img_sends_the_image_and_its_strength():
     assert body["denoising_strength"] == 0.4 and body["seed"] == 3
     assert body["override_settings"] == {"CLIP_stop_at_last_layers": 2, "sd_model_checkpoint": "sd15.safetensors"}
     assert a1111_request(params)[0] == "/sdapi/v1/txt2img"
+    merging = GenerationParams("x", token_merging_ratio=0.5).validated()  # e.g. from --from A1111.png
+    assert a1111_request(merging)[1]["override_settings"]["token_merging_ratio"] == 0.5
 
 
 def test_server_errors_and_local_options_are_one_line_errors(server, tmp_path):

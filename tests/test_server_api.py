@@ -154,6 +154,25 @@ def test_models_loras_and_options(make_client, tmp_path, engines):
     assert r.status_code == 200 and engines[-1].model.name == "alpha.safetensors"
 
 
+def test_token_merging_ratio_from_a_request_or_the_options_reaches_the_job(make_client, engines):
+    client = make_client()
+    client.post("/sdapi/v1/txt2img", json={"prompt": "x", **SMALL})
+    assert engines[-1].calls[-1]["token_merging_ratio"] is None  # the server's --lever decides
+    assert "token_merging_ratio" not in client.get("/sdapi/v1/options").json()
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "override_settings": {"token_merging_ratio": 0.3},
+                                                **SMALL})
+    assert r.status_code == 200 and engines[-1].calls[-1]["token_merging_ratio"] == 0.3
+    assert client.post("/sdapi/v1/options", json={"token_merging_ratio": 0.5}).status_code == 200
+    assert client.get("/sdapi/v1/options").json()["token_merging_ratio"] == 0.5
+    client.post("/sdapi/v1/txt2img", json={"prompt": "x", **SMALL})
+    assert engines[-1].calls[-1]["token_merging_ratio"] == 0.5
+    for bad in (1.5, "half"):
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "override_settings": {"token_merging_ratio": bad},
+                                                    **SMALL})
+        assert r.status_code == 422 and "token_merging_ratio" in r.json()["detail"]
+        assert client.post("/sdapi/v1/options", json={"token_merging_ratio": bad}).status_code == 422
+
+
 @pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/../../x", "nope"])
 def test_names_resolve_only_inside_their_folders(make_client, tmp_path, name):
     (tmp_path / "outside.safetensors").write_bytes(b"x")

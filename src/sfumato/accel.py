@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from sfumato.errors import ParamError
+from sfumato.params import MAX_TOME_RATIO
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 # image, median of 8, in one process) to save it 17 MB. SD-sized models keep the hooks.
 FP16_WEIGHTS_MIN_PARAMS = 100_000_000
 
-TOME_RATIO = 0.5  # tomesd's recommended ratio; recorded as A1111's "Token merging ratio"
+TOME_RATIO = 0.5  # `--lever tome`: tomesd's recommended ratio; recorded as A1111's "Token merging ratio"
 
 
 @dataclass(frozen=True)
@@ -65,28 +66,37 @@ class Levers:
     int8: bool = False           # lossy: dynamic int8 Linear layers (CPU only)
     bf16: bool = False           # lossy: bf16 autocast (CPU with avx512_bf16/AMX, or CUDA)
     deepcache: bool = False      # lossy: reuse deep UNet features on 2 calls in 3 (sfumato.deepcache)
-    tome: bool = False           # lossy: token merging in the full-resolution self-attention (ToMe)
+    tome: float = 0.0            # lossy: the ratio of tokens merged in the full-resolution self-attention (ToMe)
     fp16_weights: bool = True    # near-exact: weights kept in fp16, each layer run in fp32: half the RAM
 
     @classmethod
     def parse(cls, names: list[str] | tuple[str, ...]) -> Levers:
-        """Turn opt-in lever names ("int8", "compile", "bf16", "no-channels_last") into Levers."""
+        """Turn opt-in lever names ("int8", "compile", "tome", "tome=0.3", "no-channels_last") into
+        Levers; a later name wins over an earlier one."""
         allowed = [f.name for f in fields(cls)]
-        chosen: dict[str, bool] = {}
+        chosen: dict[str, bool | float] = {}
         for name in names:
+            name, _, ratio = name.partition("=")
             key, value = (name[3:], False) if name.startswith("no-") else (name, True)
             key = key.replace("-", "_")
             if key not in allowed:
                 raise ParamError(f"unknown speed lever {name!r}; allowed: {', '.join(allowed)} "
-                                 "(prefix no- to turn one off)")
-            chosen[key] = value
+                                 "(prefix no- to turn one off; tome=RATIO for another ratio than "
+                                 f"{TOME_RATIO:g})")
+            if key == "tome":
+                chosen[key] = (tome_ratio(ratio) if ratio else TOME_RATIO) if value else 0.0
+            elif ratio:
+                raise ParamError(f"speed lever {name!r} takes no value (only tome=RATIO does)")
+            else:
+                chosen[key] = value
         return cls(**chosen)
 
     def names(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name)]
 
     def lossy_names(self) -> list[str]:
-        """The levers on that change the picture (recorded in its metadata)."""
+        """The levers on that change the picture (recorded in its metadata; tome's ratio is
+        recorded apart, as A1111's "Token merging ratio")."""
         return [name for name in ("int8", "bf16", "deepcache", "tome") if getattr(self, name)]
 
     def weights_dtype(self, compute_dtype: torch.dtype) -> torch.dtype:
@@ -94,6 +104,17 @@ class Levers:
         unless int8 is on (its quantizer wants float32 Linear weights, and shrinks them itself)."""
         half = self.fp16_weights and not self.int8 and compute_dtype == torch.float32
         return torch.float16 if half else compute_dtype
+
+
+def tome_ratio(value: str | float) -> float:
+    """A token merging ratio, checked: 0 (off) up to MAX_TOME_RATIO."""
+    try:
+        ratio = float(value)
+    except (TypeError, ValueError):
+        ratio = -1.0
+    if not 0 <= ratio <= MAX_TOME_RATIO:
+        raise ParamError(f"token merging ratio {value!r}: must be a number from 0 (off) to {MAX_TOME_RATIO:g}")
+    return ratio
 
 
 def cpu_flags() -> set[str]:
@@ -144,7 +165,7 @@ def prepare(model, levers: Levers = Levers(), device: torch.device | str = "cpu"
         if not small:
             model.vae.to(memory_format=torch.channels_last)
     if levers.tome:
-        merge_tokens(model.unet, device)
+        merge_tokens(model.unet, device, levers.tome)
     if levers.int8:
         model.unet = quantize_linear_int8(model.unet)
     if levers.compile:
@@ -157,12 +178,16 @@ def merge_tokens(unet: torch.nn.Module, device: torch.device, ratio: float = TOM
     """ToMe for SD (Bolya & Hoffman 2023, arXiv:2303.17604), through its authors' tomesd, as
     A1111 applies it: before each self-attention at the full latent resolution, `ratio` of the
     tokens are merged into their most similar neighbours, and the output is unmerged after it.
+    Replaces any earlier ratio; 0 restores the plain UNet.
 
     The merge targets are the top-left token of each 2x2 cell (use_rand=False, like A1111): a
     random choice would draw from a generator that no seed controls."""
     import tomesd
     from diffusers.models.attention import BasicTransformerBlock
 
+    tomesd.remove_patch(unet)
+    if not ratio:
+        return
     full_resolution = (*unet.down_blocks[0].modules(), *unet.up_blocks[-1].modules())
     if not any(isinstance(m, BasicTransformerBlock) for m in full_resolution):
         log.warning("the tome lever changes nothing on this model: it has no self-attention at "

@@ -75,8 +75,9 @@ OPTION_FIELDS = {
 @click.option("--device", help="cpu | cuda | cuda:N | mps; default: best available.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .ckpt/.pt (loaded with weights_only=True).")
 @click.option("--lever", "levers", multiple=True,
-              help="Speed lever, repeatable: deepcache, tome, int8, bf16 (lossy), compile; no-NAME turns one "
-                   "off (e.g. no-fp16_weights, on by default on the CPU: half the memory).")
+              help="Speed lever, repeatable: deepcache, tome (tome=RATIO: another ratio than 0.5), int8, "
+                   "bf16 (lossy), compile; no-NAME turns one off (e.g. no-fp16_weights, on by default on "
+                   "the CPU: half the memory).")
 @click.option("--server", envvar="SFUMATO_SERVER",
               help="Send the job to a running `sfumato serve` (or any A1111 API) at this URL instead of "
                    "loading the model here: no imports or loading to wait for. --model then names one of "
@@ -91,11 +92,13 @@ def generate(ctx: click.Context, prompt: str | None, model, vae, loras, lora_dir
 
     params = _params_from_png(from_png) if from_png else None
     png_levers = _levers_from_png(from_png) if from_png else []
-    levers = (*png_levers, *levers)  # the lossy levers it was made with, unless the command line turns them off
     if params is None and prompt is None:
         raise SfumatoError("give a PROMPT (or --from IMAGE.png)")
     chosen = {OPTION_FIELDS[name]: value for name, value in options.items()
               if params is None or ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    if any(name.removeprefix("no-").partition("=")[0] == "tome" for name in levers):
+        chosen["token_merging_ratio"] = None  # the command line's lever, not the PNG's ratio
+    levers = (*png_levers, *levers)  # the lossy levers it was made with, unless the command line turns them off
     if prompt is not None:
         chosen["prompt"] = prompt
     chosen["loras"] = tuple(parse_lora_option(v) for v in loras)
@@ -103,8 +106,9 @@ def generate(ctx: click.Context, prompt: str | None, model, vae, loras, lora_dir
               else GenerationParams(**chosen)).validated()
     init = _open_image(init_image) if init_image else None
     if server:
-        if png_levers:
-            click.echo(f"note: {from_png} was made with the lever(s) {', '.join(png_levers)}; the server "
+        others = [name for name in png_levers if name != "tome"]  # its ratio goes with the request
+        if others:
+            click.echo(f"note: {from_png} was made with the lever(s) {', '.join(others)}; the server "
                        "applies its own (`sfumato serve --lever ...`), so the picture may differ", err=True)
         _generate_on_server(ctx, server, api_key, params, init_image, model, vae, Path(out))
         return

@@ -41,6 +41,8 @@ def infotext(params: GenerationParams, *, seed: int, width: int, height: int,
     }
     if params.clip_skip > 1:
         pairs["Clip skip"] = params.clip_skip
+    if params.token_merging_ratio:
+        pairs["Token merging ratio"] = _number(params.token_merging_ratio)
     pairs.update(extra or {})
     pairs["Version"] = f"sfumato {__version__}"
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in pairs.items() if v not in (None, ""))
@@ -91,6 +93,8 @@ def params_from_infotext(text: str) -> GenerationParams:
             height=height,
             clip_skip=int(info.get("Clip skip", 1)),
             denoising_strength=float(info.get("Denoising strength", 0.75)),
+            # absent: the image says nothing of it (A1111 writes the key only when merging)
+            token_merging_ratio=float(info["Token merging ratio"]) if "Token merging ratio" in info else None,
         )
     except ValueError as error:
         raise SfumatoError(f"could not read generation parameters from the image: {error}") from None

@@ -13,6 +13,7 @@ SAMPLER_NAMES = ("Euler", "Euler a", "DDIM", "DPM++ 2M", "DPM++ 2M SDE", "UniPC"
 SCHEDULE_NAMES = ("normal", "karras")
 
 MAX_SEED = 2**32 - 1  # A1111 seeds are 32-bit
+MAX_TOME_RATIO = 0.9  # A1111's slider ends here; at 1 tomesd would merge every token away
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class GenerationParams:
     clip_skip: int = 1  # 1 = last CLIP layer, 2 = penultimate (A1111 semantics)
     denoising_strength: float = 0.75  # img2img only: how much of the init image is re-noised
     loras: tuple[tuple[str, float, float], ...] = field(default=())  # (name/path, te weight, unet weight)
+    # A1111's "Token merging ratio" (0 = off); None: the pipeline's tome lever decides
+    token_merging_ratio: float | None = None
 
     def validated(self) -> GenerationParams:
         """Return a copy with names normalised; raise ParamError on anything out of range."""
@@ -48,12 +51,15 @@ class GenerationParams:
         _check_number(self.denoising_strength, "denoising_strength", 0.0, 1.0)
         for lora in self.loras:
             _check(len(lora) == 3, "loras", "each entry is (name, te_weight, unet_weight)")
+        if self.token_merging_ratio is not None:
+            _check_number(self.token_merging_ratio, "token_merging_ratio", 0.0, MAX_TOME_RATIO)
         return dataclasses.replace(
             self,
             sampler=canonical_sampler(self.sampler),
             scheduler=canonical_scheduler(self.scheduler),
             cfg_scale=float(self.cfg_scale),
             denoising_strength=float(self.denoising_strength),
+            token_merging_ratio=None if self.token_merging_ratio is None else float(self.token_merging_ratio),
         )
 
     def with_seed(self) -> GenerationParams:

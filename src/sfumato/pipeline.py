@@ -81,6 +81,7 @@ class Pipeline:
         self.text = TextEncoder(model.tokenizers, model.text_encoders, model.family)
         self.unet = UNetDenoiser(model.unet, model.alphas_cumprod, model.prediction_type)
         self._loras = None  # sfumato.lora.LoraStack, created on first use
+        self._tome_ratio = self.levers.tome  # the token merging ratio the UNet is patched with now
 
     @classmethod
     def load(cls, model: str | Path | None = None, *, vae: str | Path | None = None,
@@ -106,6 +107,9 @@ class Pipeline:
         negative, negative_tags = extract_lora_tags(params.negative_prompt)
         lora_hashes = self._activate_loras(list(params.loras) + [
             (t.name, t.te_weight, t.unet_weight) for t in tags + negative_tags])
+        self._merge_tokens(self.levers.tome if params.token_merging_ratio is None
+                           else params.token_merging_ratio)
+        params = dataclasses.replace(params, token_merging_ratio=self._tome_ratio)
 
         pixels = self.decode(self.sample_latents(params, prompt, negative, width, height,
                                                  callback=callback, init_image=init_image))
@@ -189,6 +193,15 @@ class Pipeline:
             accel.compile_unet(self.model.unet, self.device)
         return hashes
 
+    def _merge_tokens(self, ratio: float) -> None:
+        """Patch the UNet for this token merging ratio (A1111 applies its setting per job too)."""
+        if ratio == self._tome_ratio:
+            return
+        accel.merge_tokens(self.model.unet, self.device, ratio)
+        self._tome_ratio = ratio
+        if self.levers.compile:  # the compiled graph has the old blocks in it
+            accel.compile_unet(self.model.unet, self.device)
+
     def _finish(self, image: Image.Image, params: GenerationParams, index: int, width: int,
                 height: int, lora_hashes: dict[str, str], img2img: bool) -> GeneratedImage:
         seed = params.seed + index
@@ -198,10 +211,9 @@ class Pipeline:
             extra["Denoising strength"] = f"{params.denoising_strength:g}"
         if lora_hashes:
             extra["Lora hashes"] = ", ".join(f"{n}: {h}" for n, h in lora_hashes.items())
-        if self.levers.lossy_names():  # the same seed gives another picture without them
-            extra[LEVERS_KEY] = ", ".join(self.levers.lossy_names())
-        if self.levers.tome:  # A1111's key for the same thing
-            extra["Token merging ratio"] = f"{accel.TOME_RATIO:g}"
+        lossy = dataclasses.replace(self.levers, tome=params.token_merging_ratio).lossy_names()
+        if lossy:  # the same seed gives another picture without them
+            extra[LEVERS_KEY] = ", ".join(lossy)
         text = infotext(one, seed=seed, width=width, height=height, model_name=self.model.name,
                         model_hash=self.model.hash, extra=extra)
         return GeneratedImage(image=image, seed=seed, params=one, infotext=text)

@@ -30,7 +30,8 @@ class RemoteImage:
 def a1111_request(params: GenerationParams, *, init_png: bytes | None = None, model: str | None = None,
                   vae: str | None = None) -> tuple[str, dict[str, Any]]:
     """The endpoint and JSON body of an A1111 txt2img (or, with an init image, img2img) request."""
-    settings = {"CLIP_stop_at_last_layers": params.clip_skip, "sd_model_checkpoint": model, "sd_vae": vae}
+    settings = {"CLIP_stop_at_last_layers": params.clip_skip, "sd_model_checkpoint": model, "sd_vae": vae,
+                "token_merging_ratio": params.token_merging_ratio}
     body = {
         "prompt": params.prompt, "negative_prompt": params.negative_prompt, "seed": params.seed,
         "steps": params.steps, "cfg_scale": params.cfg_scale, "width": params.width, "height": params.height,

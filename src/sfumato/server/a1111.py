@@ -21,11 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import sfumato
 from sfumato.errors import SfumatoError
-from sfumato.params import SAMPLER_NAMES, SCHEDULE_NAMES
+from sfumato.params import MAX_TOME_RATIO, SAMPLER_NAMES, SCHEDULE_NAMES
 from sfumato.server.jobs import Job
 
 # override_settings / options keys we honour -> job parameter
-OPTION_KEYS = {"sd_model_checkpoint": "model", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip"}
+OPTION_KEYS = {"sd_model_checkpoint": "model", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip",
+               "token_merging_ratio": "token_merging_ratio"}
 
 
 class A1111Request(BaseModel):
@@ -124,6 +125,8 @@ def job_params(req: A1111Request, options: dict) -> dict:
         "clip_skip": int(settings.get("CLIP_stop_at_last_layers") or 1),
         "model": settings.get("sd_model_checkpoint"),
         "vae": None if vae in (None, "", "Automatic", "None") else vae,
+        # None: the server's own `--lever tome` decides
+        "token_merging_ratio": settings.get("token_merging_ratio"),
     }
     if isinstance(req, Img2ImgRequest):
         params["denoising_strength"] = req.denoising_strength
@@ -159,9 +162,11 @@ def add_a1111_routes(app: FastAPI, server) -> None:
     from sfumato.server.app import decode_image, principal_of
 
     def options() -> dict:
+        ratio = server.store.setting("token_merging_ratio", None)  # None: never set by a client
         return {"sd_model_checkpoint": server.default_model(),
                 "sd_vae": server.store.setting("sd_vae", "Automatic"),
-                "CLIP_stop_at_last_layers": int(server.store.setting("CLIP_stop_at_last_layers", "1"))}
+                "CLIP_stop_at_last_layers": int(server.store.setting("CLIP_stop_at_last_layers", "1")),
+                **({} if ratio is None else {"token_merging_ratio": float(ratio)})}
 
     async def run(req: A1111Request, request: Request, kind: str, init: bytes | None) -> ImagesResponse:
         problem = unsupported(req)
@@ -240,6 +245,9 @@ def add_a1111_routes(app: FastAPI, server) -> None:
                 value = server.catalog.resolve("vae", str(value)).title
             elif key == "CLIP_stop_at_last_layers" and not (isinstance(value, int) and 1 <= value <= 12):
                 raise SfumatoError("CLIP_stop_at_last_layers must be an integer from 1 to 12")
+            elif key == "token_merging_ratio" and not (isinstance(value, (int, float)) and not isinstance(
+                    value, bool) and 0 <= value <= MAX_TOME_RATIO):
+                raise SfumatoError(f"token_merging_ratio must be a number from 0 (off) to {MAX_TOME_RATIO:g}")
             server.store.set_setting(key, str(value))
 
     @app.get("/sdapi/v1/sd-models", tags=["a1111"])

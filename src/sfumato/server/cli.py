@@ -47,7 +47,8 @@ def folder(exists: bool = True) -> click.Path:
 @click.option("--lever", "levers", multiple=True,
               help="Speed lever for every model it loads, repeatable: compile (exact; the first image "
                    "of each size waits a minute or two for compiling, later ones are ~1.7x faster on a "
-                   "CPU), deepcache, tome, int8, bf16 (lossy); no-NAME turns a default one off.")
+                   "CPU), deepcache, tome (tome=RATIO; a request may ask another with A1111's "
+                   "token_merging_ratio), int8, bf16 (lossy); no-NAME turns a default one off.")
 @caps_options
 @user_errors
 def serve(host: str, port: int, model: str | None, models_dir: Path | None, vae_dir: Path | None,
