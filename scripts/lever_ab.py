@@ -20,6 +20,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import sfumato  # noqa: F401  # isort: skip  (before torch: it makes idle OpenMP threads sleep)
 import torch
 
 from sfumato.accel import Levers, compute_context

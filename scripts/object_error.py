@@ -22,10 +22,10 @@ import argparse
 import random
 import re
 
+import sfumato  # isort: skip  (before torch: it makes idle OpenMP threads sleep, read at torch's import)
 import torch
 import torch.nn.functional as F
 
-import sfumato
 from sfumato.train.data import (
     EVAL_SEED_OFFSET,
     eval_captions,

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 
+import sfumato  # isort: skip  (before torch: it makes idle OpenMP threads sleep, read at torch's import)
 import torch
 
-import sfumato
 from sfumato.train.data import load_tokenizer, tokenize
 
 PROMPTS = ["a picture of four triangles", "one red square", "a single yellow heart on green",

@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+
+import sfumato  # isort: skip  (before torch: it makes idle OpenMP threads sleep, read at torch's import)
 import torch
 
-import sfumato
 from sfumato.train.data import to_model_images
 from sfumato.world import render, sample_scenes
 from sfumato.world.adherence import claim_report
