@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from sfumato.errors import ParamError
-from sfumato.params import MAX_TOME_RATIO
+from sfumato.params import tome_ratio
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Levers:
                                  "(prefix no- to turn one off; tome=RATIO for another ratio than "
                                  f"{TOME_RATIO:g})")
             if key == "tome":
-                chosen[key] = (tome_ratio(ratio) if ratio else TOME_RATIO) if value else 0.0
+                chosen[key] = _tome_lever(value, ratio)
             elif ratio:
                 raise ParamError(f"speed lever {name!r} takes no value (only tome=RATIO does)")
             else:
@@ -106,15 +106,17 @@ class Levers:
         return torch.float16 if half else compute_dtype
 
 
-def tome_ratio(value: str | float) -> float:
-    """A token merging ratio, checked: 0 (off) up to MAX_TOME_RATIO."""
+def _tome_lever(on: bool, ratio: str) -> float:
+    """`tome` (TOME_RATIO), `tome=R` or `no-tome` (0) as a ratio."""
+    if not on:
+        return 0.0
+    if not ratio:
+        return TOME_RATIO
     try:
-        ratio = float(value)
-    except (TypeError, ValueError):
-        ratio = -1.0
-    if not 0 <= ratio <= MAX_TOME_RATIO:
-        raise ParamError(f"token merging ratio {value!r}: must be a number from 0 (off) to {MAX_TOME_RATIO:g}")
-    return ratio
+        number = float(ratio)
+    except ValueError:
+        return tome_ratio(ratio, "tome")  # not a number: raises, naming the text
+    return tome_ratio(number, "tome")
 
 
 def cpu_flags() -> set[str]:

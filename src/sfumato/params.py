@@ -51,15 +51,14 @@ class GenerationParams:
         _check_number(self.denoising_strength, "denoising_strength", 0.0, 1.0)
         for lora in self.loras:
             _check(len(lora) == 3, "loras", "each entry is (name, te_weight, unet_weight)")
-        if self.token_merging_ratio is not None:
-            _check_number(self.token_merging_ratio, "token_merging_ratio", 0.0, MAX_TOME_RATIO)
+        ratio = None if self.token_merging_ratio is None else tome_ratio(self.token_merging_ratio)
         return dataclasses.replace(
             self,
             sampler=canonical_sampler(self.sampler),
             scheduler=canonical_scheduler(self.scheduler),
             cfg_scale=float(self.cfg_scale),
             denoising_strength=float(self.denoising_strength),
-            token_merging_ratio=None if self.token_merging_ratio is None else float(self.token_merging_ratio),
+            token_merging_ratio=ratio,
         )
 
     def with_seed(self) -> GenerationParams:
@@ -111,6 +110,14 @@ def _check(ok: bool, name: str, message: str) -> None:
 def _check_int(value: object, name: str, low: int, high: int) -> None:
     _check(isinstance(value, int) and not isinstance(value, bool), name, f"must be an integer (got {value!r})")
     _check(low <= value <= high, name, f"must be between {low} and {high} (got {value})")  # type: ignore[operator]
+
+
+def tome_ratio(value: object, name: str = "token_merging_ratio") -> float:
+    """A token merging ratio, checked (the one check for the API, the options and `--lever tome=R`)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= MAX_TOME_RATIO
+    if not ok:
+        raise ParamError(f"{name} {value!r}: must be a number from 0 (off) to {MAX_TOME_RATIO:g}")
+    return float(value)
 
 
 def _check_number(value: object, name: str, low: float, high: float) -> None:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import sfumato
 from sfumato.errors import SfumatoError
-from sfumato.params import MAX_TOME_RATIO, SAMPLER_NAMES, SCHEDULE_NAMES
+from sfumato.params import SAMPLER_NAMES, SCHEDULE_NAMES, tome_ratio
 from sfumato.server.jobs import Job
 
 # override_settings / options keys we honour -> job parameter
@@ -245,9 +245,8 @@ def add_a1111_routes(app: FastAPI, server) -> None:
                 value = server.catalog.resolve("vae", str(value)).title
             elif key == "CLIP_stop_at_last_layers" and not (isinstance(value, int) and 1 <= value <= 12):
                 raise SfumatoError("CLIP_stop_at_last_layers must be an integer from 1 to 12")
-            elif key == "token_merging_ratio" and not (isinstance(value, (int, float)) and not isinstance(
-                    value, bool) and 0 <= value <= MAX_TOME_RATIO):
-                raise SfumatoError(f"token_merging_ratio must be a number from 0 (off) to {MAX_TOME_RATIO:g}")
+            elif key == "token_merging_ratio":
+                tome_ratio(value)
             server.store.set_setting(key, str(value))
 
     @app.get("/sdapi/v1/sd-models", tags=["a1111"])
