@@ -70,7 +70,7 @@ def one_unet_call(pipe: Pipeline, size: int) -> Callable[[], object]:
     x = torch.randn(1, channels, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
 
     def run() -> object:
-        with compute_context(pipe.levers, pipe.device):
+        with compute_context(pipe.levers, pipe.device, pipe.one_thread):
             return denoise(x, torch.ones(1))
 
     return run

@@ -26,7 +26,7 @@ def latents_of(pipe: Pipeline) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def plain(tiny_model_dir):
-    pipe = pipeline(tiny_model_dir, Levers(channels_last=False, fp16_weights=False))
+    pipe = pipeline(tiny_model_dir, Levers.none())
     return latents_of(pipe), np.asarray(pipe.generate(PARAMS)[0].image)
 
 
@@ -128,7 +128,7 @@ def test_device_and_dtype_logic_for_cuda_without_a_gpu():
 
 
 def test_cfg_one_skips_the_uncond_pass(tiny_model_dir):
-    pipe = pipeline(tiny_model_dir, Levers())
+    pipe = pipeline(tiny_model_dir, Levers(jit=False))  # a trace runs no Python hooks
     batches = []
     pipe.model.unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
     pipe.sample_latents(GenerationParams("x", seed=1, steps=2, cfg_scale=1.0, sampler="Euler"), "x", "",

@@ -68,6 +68,8 @@ class Levers:
     deepcache: bool = False      # lossy: reuse deep UNet features on 2 calls in 3 (sfumato.deepcache)
     tome: float = 0.0            # lossy: the ratio of tokens merged in the full-resolution self-attention (ToMe)
     fp16_weights: bool = True    # near-exact: weights kept in fp16, each layer run in fp32: half the RAM
+    jit: bool = True             # exact: a small UNet on the CPU runs as a frozen trace (sfumato.tracing)
+    one_thread: bool = True      # near-exact: a small model's denoising loop on one CPU thread
 
     @classmethod
     def parse(cls, names: list[str] | tuple[str, ...]) -> Levers:
@@ -90,6 +92,11 @@ class Levers:
             else:
                 chosen[key] = value
         return cls(**chosen)
+
+    @classmethod
+    def none(cls) -> Levers:
+        """Every lever off: the plain diffusers path."""
+        return cls(**{f.name: type(f.default)() for f in fields(cls)})
 
     def names(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name)]
@@ -148,12 +155,11 @@ def prepare(model, levers: Levers = Levers(), device: torch.device | str = "cpu"
     device = torch.device(device)
     if levers.int8 and device.type != "cpu":
         raise ParamError("the int8 lever is for the CPU only (dynamic quantization has no CUDA kernels)")
-    modules = (model.unet, model.vae, *model.text_encoders)
-    small = sum(p.numel() for module in modules for p in module.parameters()) < FP16_WEIGHTS_MIN_PARAMS
+    small = is_small(model)
     if levers.weights_dtype(compute_dtype) != compute_dtype:
         from sfumato.weight_casting import cast_tensors, compute_layers_in
 
-        for module in modules:
+        for module in (model.unet, model.vae, *model.text_encoders):
             if small:
                 cast_tensors(module, compute_dtype)
             else:
@@ -174,6 +180,27 @@ def prepare(model, levers: Levers = Levers(), device: torch.device | str = "cpu"
         compile_unet(model.unet, device)
     release_free_memory()
     return model
+
+
+def is_small(model) -> bool:
+    """Under FP16_WEIGHTS_MIN_PARAMS: a model whose time goes to per-op overhead more than to FLOPs."""
+    modules = (model.unet, model.vae, *model.text_encoders)
+    return sum(p.numel() for module in modules for p in module.parameters()) < FP16_WEIGHTS_MIN_PARAMS
+
+
+def small_on_cpu(model, device: torch.device | str) -> bool:
+    """Where the jit and one_thread levers apply. On SD-sized models Python's share of a step is
+    under 1 % and a second thread halves the convolutions' time."""
+    return torch.device(device).type == "cpu" and is_small(model)
+
+
+def traces_unet(levers: Levers, model, device: torch.device | str) -> bool:
+    """Whether the jit lever applies: a small model on the CPU, without a lever that changes the
+    UNet's code (compile traces it its own way; int8 swaps its layers; bf16 autocasts). On an
+    SD-sized model a frozen trace would also copy the fp16_weights lever's per-layer casts into
+    fp32 constants: twice the memory."""
+    return (levers.jit and small_on_cpu(model, device)
+            and not (levers.compile or levers.int8 or levers.bf16))
 
 
 def merge_tokens(unet: torch.nn.Module, device: torch.device, ratio: float = TOME_RATIO) -> None:
@@ -270,10 +297,28 @@ def quantize_linear_int8(module: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def compute_context(levers: Levers, device: torch.device | str = "cpu") -> Iterator[None]:
-    """The autocast region the denoising loop runs in: bf16 when that lever is on, else none."""
-    if levers.bf16:
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-            yield
-    else:
+def compute_context(levers: Levers, device: torch.device | str = "cpu",
+                    one_thread: bool = False) -> Iterator[None]:
+    """The region the denoising loop runs in: bf16 autocast when that lever is on; one CPU thread
+    when asked (see small_on_cpu), the previous count restored after."""
+    with contextlib.ExitStack() as stack:
+        if levers.bf16:
+            stack.enter_context(torch.autocast(torch.device(device).type, dtype=torch.bfloat16))
+        if one_thread:
+            stack.enter_context(torch_threads(1))
         yield
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count, for a block. The built-in UNet's ops take tens of
+    microseconds each on 16x16 latents, and handing each one to a second thread and waiting for it
+    cost more than it saved: a 128x128 image took 0.51 s on one thread against 0.59 s on two
+    (0.63 / 0.78 s without the jit lever), alternating in one process on this 2-core CPU. It also
+    makes the built-in model's images the same bytes on machines with more cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from sfumato import accel
 from sfumato import latents as latent_space
-from sfumato.checkpoints import BUILTIN_MODEL, Model, load_model
+from sfumato.checkpoints import BUILTIN_MODEL, Model, cache_folder, load_model
 from sfumato.deepcache import DeepCacheUNet
 from sfumato.denoiser import Conditioning, UNetDenoiser, cfg_denoiser
 from sfumato.errors import ParamError
@@ -75,13 +75,20 @@ class Pipeline:
         self.model = model
         self.device = device
         self.dtype = dtype
-        self.levers = levers or accel.Levers(channels_last=False, fp16_weights=False)  # what prepare() applied
+        self.levers = levers or accel.Levers.none()  # what prepare() applied
         self.lora_dir = Path(lora_dir) if lora_dir else None
         self.allow_lora_paths = allow_lora_paths  # False: LoRA names resolve only inside lora_dir
         self.text = TextEncoder(model.tokenizers, model.text_encoders, model.family)
-        self.unet = UNetDenoiser(model.unet, model.alphas_cumprod, model.prediction_type)
         self._loras = None  # sfumato.lora.LoraStack, created on first use
         self._tome_ratio = self.levers.tome  # the token merging ratio the UNet is patched with now
+        self.one_thread = self.levers.one_thread and accel.small_on_cpu(model, device)
+        self._traced = None  # the jit lever's TracedUNet, where it applies
+        if accel.traces_unet(self.levers, model, device):
+            from sfumato.tracing import TracedUNet
+
+            self._traced = TracedUNet(model.unet, cache_folder() / "jit")
+            self._traced.enabled = not self._tome_ratio
+        self.unet = UNetDenoiser(self._traced or model.unet, model.alphas_cumprod, model.prediction_type)
 
     @classmethod
     def load(cls, model: str | Path | None = None, *, vae: str | Path | None = None,
@@ -144,7 +151,7 @@ class Pipeline:
             if callback is not None:
                 callback(i + 1, total, denoised)
 
-        with torch.inference_mode(), accel.compute_context(self.levers, self.device):
+        with torch.inference_mode(), accel.compute_context(self.levers, self.device, self.one_thread):
             return sample(params.sampler, denoiser, x, sigmas.to(self.device),
                           noise_sampler=noise, callback=on_step)
 
@@ -189,8 +196,8 @@ class Pipeline:
                                     allow_paths=self.allow_lora_paths)
         before = self._loras.active
         hashes = self._loras.activate(specs)
-        if self.levers.compile and self._loras.active != before:  # its frozen weights are stale
-            accel.compile_unet(self.model.unet, self.device)
+        if self._loras.active != before:
+            self._unet_changed()
         return hashes
 
     def _merge_tokens(self, ratio: float) -> None:
@@ -199,8 +206,16 @@ class Pipeline:
             return
         accel.merge_tokens(self.model.unet, self.device, ratio)
         self._tome_ratio = ratio
-        if self.levers.compile:  # the compiled graph has the old blocks in it
+        self._unet_changed()
+
+    def _unet_changed(self) -> None:
+        """The UNet's weights (a LoRA merged or removed) or blocks (token merging) changed: what
+        was compiled or traced from it holds the old ones as constants."""
+        if self.levers.compile:
             accel.compile_unet(self.model.unet, self.device)
+        if self._traced is not None:
+            self._traced.weights_changed()
+            self._traced.enabled = not self._tome_ratio  # tomesd's blocks are Python, not traced
 
     def _finish(self, image: Image.Image, params: GenerationParams, index: int, width: int,
                 height: int, lora_hashes: dict[str, str], img2img: bool) -> GeneratedImage:

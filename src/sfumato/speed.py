@@ -210,7 +210,7 @@ def _sfumato_side(setup: Setup):
 
     def load(path: Path):
         pipe = Pipeline.load(str(path), device=setup.device, levers=Levers.parse(setup.levers))
-        return pipe, pipe.model.unet, pipe.model.vae
+        return pipe, pipe.unet.unet, pipe.model.vae  # the UNet as sampling calls it (maybe traced)
 
     def generate(pipe):
         import numpy as np
