@@ -29,6 +29,15 @@ to plain fp32 eager (9.4 s):
                                  attention grows with the square of the tokens, convolutions linearly.
                                  Nothing to merge in SDXL or the built-in model (see merge_tokens)
 
+Two more act only on small models (under FP16_WEIGHTS_MIN_PARAMS) on the CPU, where a step is
+a few hundred ops of tens of microseconds each; a built-in 128x128 image, alternating in one
+process (`python scripts/lever_ab.py "" "no-jit+no-one_thread"`): 0.40 s against 0.65 s.
+
+  jit             exact   0.65x  the UNet as a frozen TorchScript trace (sfumato.tracing): the same
+                                 ops without diffusers' Python; cached on disk, ~0.1 s to load
+  one_thread      near    0.80x  the denoising loop on one thread (torch_threads): a second thread's
+                  exact          hand-off costs more than it saves on ops this small
+
 SDPA attention needs no lever: diffusers' default AttnProcessor2_0 already calls
 torch.nn.functional.scaled_dot_product_attention (attention_backends() checks it).
 """
