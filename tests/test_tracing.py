@@ -107,6 +107,14 @@ def test_token_merging_turns_the_trace_off_and_ratio_zero_back_on(tiny_model_dir
     assert pipe._traced.enabled
 
 
+def test_an_unwritable_cache_still_traces(tiny_model_dir, eager, own_cache, caplog):
+    own_cache.parent.mkdir(parents=True)
+    own_cache.write_bytes(b"a file where the folder should be")
+    with caplog.at_level(logging.WARNING, logger="sfumato.tracing"):
+        assert_same(pixels(load(tiny_model_dir)), pixels(eager))
+    assert "could not save the UNet trace" in caplog.text
+
+
 def test_levers_that_change_the_unets_code_leave_it_untraced(tiny_model_dir):
     assert load(tiny_model_dir, "int8")._traced is None
     assert load(tiny_model_dir, "tome")._traced.enabled is False

@@ -89,11 +89,14 @@ class TracedUNet(torch.nn.Module):
         except Exception as error:  # noqa: BLE001  (any failure of the tracer means "run eagerly")
             log.warning("the jit lever could not trace this UNet (%s); running it eagerly", error)
             return None
-        buffer = io.BytesIO()
-        with quiet_torchscript():
-            torch.jit.save(trace, buffer)
-        write_bytes_atomic(path, buffer.getvalue())
-        prune(self.cache_dir, KEEP_TRACES)
+        try:
+            buffer = io.BytesIO()
+            with quiet_torchscript():
+                torch.jit.save(trace, buffer)
+            write_bytes_atomic(path, buffer.getvalue())
+            prune(self.cache_dir, KEEP_TRACES)
+        except OSError as error:  # a read-only or full cache: this process still has the trace
+            log.warning("could not save the UNet trace in %s (%s)", self.cache_dir, error)
         return trace
 
     def _cache_key(self, shape: tuple) -> str:
