@@ -33,7 +33,7 @@ def plain(tiny_model_dir):
 def test_defaults_are_exact_or_near_exact_levers_only():
     assert Levers() == Levers(channels_last=True, fp16_weights=True, compile=False, int8=False, bf16=False,
                               deepcache=False)
-    assert Levers().lossy_names() == []
+    assert Levers().lossy_names() == [] and Levers.none().names() == []
     assert Levers.parse(["int8", "no-channels_last"]) == Levers(channels_last=False, int8=True)
     with pytest.raises(ParamError, match="allowed: channels_last"):
         Levers.parse(["turbo"])
@@ -259,3 +259,19 @@ def test_tome_says_so_when_a_model_has_no_full_resolution_attention(caplog):
     accel.merge_tokens(unet, torch.device("cpu"))
     assert "changes nothing on this model" in caplog.text
     assert not [m for m in unet.modules() if type(m).__name__ == "ToMeBlock"]
+
+
+def test_one_thread_runs_a_small_models_denoising_loop_on_one_thread(tiny_model_dir):
+    before = torch.get_num_threads()
+    seen = []
+    pipe = pipeline(tiny_model_dir, Levers())
+    assert pipe.one_thread and not pipeline(tiny_model_dir, Levers(one_thread=False)).one_thread
+    pipe.model.unet.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    pipe.unet.unet = pipe.model.unet  # eager, so that the hook sees each call
+    try:
+        torch.set_num_threads(2)
+        pipe.sample_latents(PARAMS, PARAMS.prompt, PARAMS.negative_prompt, 64, 64)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2  # restored after the loop
+    finally:
+        torch.set_num_threads(before)

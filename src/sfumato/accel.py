@@ -323,8 +323,8 @@ def torch_threads(count: int) -> Iterator[None]:
     """torch's intra-op thread count, for a block. The built-in UNet's ops take tens of
     microseconds each on 16x16 latents, and handing each one to a second thread and waiting for it
     cost more than it saved: a 128x128 image took 0.51 s on one thread against 0.59 s on two
-    (0.63 / 0.78 s without the jit lever), alternating in one process on this 2-core CPU. It also
-    makes the built-in model's images the same bytes on machines with more cores."""
+    (0.63 / 0.78 s without the jit lever), alternating in one process on this 2-core CPU. The
+    latents then no longer depend on how many cores the machine has (kernels split sums by thread)."""
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
