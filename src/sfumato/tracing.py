@@ -80,7 +80,8 @@ class TracedUNet(torch.nn.Module):
             try:
                 with quiet_torchscript():
                     trace = torch.jit.load(str(path), map_location=inputs[0].device)
-                path.touch()  # most recently used: kept when the folder is pruned
+                with contextlib.suppress(OSError):  # most recently used: kept when the folder is pruned
+                    path.touch()
                 return trace
             except (RuntimeError, OSError) as error:  # a damaged file, or another torch: trace again
                 log.warning("ignoring the cached UNet trace %s (%s)", path.name, error)
