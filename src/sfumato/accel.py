@@ -35,7 +35,7 @@ process (`python scripts/lever_ab.py "" "no-jit+no-one_thread"`): 0.40 s against
 
   jit             exact   0.65x  the UNet as a frozen TorchScript trace (sfumato.tracing): the same
                                  ops without diffusers' Python; cached on disk, ~0.1 s to load
-  one_thread      near    0.80x  the denoising loop on one thread (torch_threads): a second thread's
+  one_thread      near    ~0.85x the denoising loop on one thread (torch_threads): a second thread's
                   exact          hand-off costs more than it saves on ops this small
 
 SDPA attention needs no lever: diffusers' default AttnProcessor2_0 already calls
