@@ -129,10 +129,10 @@ def _tome_lever(on: bool, ratio: str) -> float:
     if not ratio:
         return TOME_RATIO
     try:
-        number = float(ratio)
+        value: object = float(ratio)
     except ValueError:
-        return tome_ratio(ratio, "tome")  # not a number: raises, naming the text
-    return tome_ratio(number, "tome")
+        value = ratio  # not a number: tome_ratio's error names the text
+    return tome_ratio(value, "tome")
 
 
 def cpu_flags() -> set[str]:

@@ -59,20 +59,21 @@ class TracedUNet(torch.nn.Module):
 
     def forward(self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
                  return_dict: bool = False, **extra) -> tuple[Tensor]:
-        if not self.enabled or extra or return_dict:
+        inputs = (sample, timestep, encoder_hidden_states)
+        trace = self._trace_for(inputs) if self.enabled and not (extra or return_dict) else None
+        if trace is None:
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                              return_dict=return_dict, **extra)
-        inputs = (sample, timestep, encoder_hidden_states)
-        shape = input_signature(inputs)
-        if shape not in self._traces:
-            self._traces[shape] = self._load_or_trace(inputs, shape)
-        trace = self._traces[shape]
-        if trace is None:
-            return self.unet(*inputs[:2], encoder_hidden_states=encoder_hidden_states, return_dict=False)
         # Without the profiling executor's first runs, which re-optimize the graph (~0.15 s each)
         # and then run it no faster: the trace is already just the ops.
         with torch.jit.optimized_execution(False):
             return (trace(*inputs),)
+
+    def _trace_for(self, inputs: tuple[Tensor, ...]) -> Callable | None:
+        shape = input_signature(inputs)
+        if shape not in self._traces:
+            self._traces[shape] = self._load_or_trace(inputs, shape)
+        return self._traces[shape]
 
     def _load_or_trace(self, inputs: tuple[Tensor, ...], shape: tuple) -> Callable | None:
         path = self.cache_dir / f"{self._cache_key(shape)}.pt"
