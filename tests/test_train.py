@@ -223,6 +223,34 @@ def test_object_weights_pick_out_the_objects_of_a_scene():
     assert torch.equal(object_weights(images, 0.0, None), torch.ones(1, 1, 32, 32))
 
 
+def test_latent_noise_perturbs_the_decoders_input_in_scaled_units():
+    from sfumato.train.vae import VAEWithPosterior, build_vae
+
+    vae = build_vae(load_recipe("tiny_vae", gpu=False)["model"]).eval()
+    vae.register_to_config(scaling_factor=0.5)
+    decoded = []  # what decode() is given: the latent itself
+    vae.post_quant_conv.register_forward_pre_hook(lambda module, args: decoded.append(args[0].clone()))
+    images = torch.rand(8, 3, 32, 32) * 2 - 1
+    for latent_noise in (0.0, 0.0, 1.0):
+        with torch.no_grad():
+            VAEWithPosterior(vae, latent_noise)(images, torch.Generator().manual_seed(0))
+    exact, again, noisy = decoded
+    assert torch.equal(exact, again)
+    # std U(0, 1) in scaled units is U(0, 2) in the VAE's own (scaling_factor 0.5), drawn per image
+    stds = (noisy - exact).flatten(1).std(1)
+    assert float(stds.max()) < 2.3 and len({round(float(s), 3) for s in stds}) == 8
+    assert float(stds.max()) > 1.0  # not a fixed small std: the seeded draws reach past half the range
+
+
+def test_latent_noise_needs_a_decoder_only_run(tmp_path: Path):
+    recipe = (Path(__file__).parents[1] / "src/sfumato/configs/train/tiny_vae.toml").read_text()
+    config = tmp_path / "noisy.toml"
+    config.write_text(recipe.replace("[loss]", "[loss]\nlatent_noise = 0.2"))
+    with pytest.raises(SfumatoError, match="latent_noise needs train_encoder = false"):
+        CliRunner().invoke(train, ["vae", "--config", str(config), "--out", str(tmp_path / "out"),
+                                   "--device", "cpu", "--steps", "1"], catch_exceptions=False)
+
+
 def test_unknown_recipe_is_a_user_error():
     with pytest.raises(SfumatoError, match="no training recipe"):
         load_recipe("no-such-recipe", gpu=False)

@@ -56,15 +56,27 @@ def crops(pool: np.ndarray, index: np.ndarray, corners: np.ndarray, crop: int) -
 
 
 class VAEWithPosterior(torch.nn.Module):
-    """encode -> sample -> decode in forward(), so DDP syncs gradients of the whole VAE."""
+    """encode -> sample -> decode in forward(), so DDP syncs gradients of the whole VAE.
 
-    def __init__(self, vae):
+    latent_noise > 0 (decoder-only runs): each image's latent gets Gaussian noise of a std drawn
+    uniformly from [0, latent_noise], in units of the scaled latents the UNet works in. With a KL
+    weight of 1e-6 the posterior is nearly a point (std ~0.02 scaled), so a plain decoder only ever
+    sees exact latents; then a latent error of 0.2, small next to a sampler's, decodes as a lattice
+    of dots and stripes. Trained on perturbed latents, the decoder learns to draw what they mean."""
+
+    def __init__(self, vae, latent_noise: float = 0.0):
         super().__init__()
         self.vae = vae
+        self.latent_noise = latent_noise
 
     def forward(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         posterior = self.vae.encode(images).latent_dist
-        recon = self.vae.decode(posterior.sample(generator)).sample
+        z = posterior.sample(generator)
+        if self.latent_noise:
+            std = torch.rand(len(z), 1, 1, 1, generator=generator, device=z.device) * self.latent_noise
+            noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            z = z + std * noise / self.vae.config.scaling_factor
+        recon = self.vae.decode(z).sample
         return recon, posterior.kl().mean()
 
 
@@ -133,11 +145,14 @@ def train_vae(run: Run) -> dict:
     if run.init_from:
         load_saved(vae, run.init_from, "vae")
     train_encoder = r.get("train_encoder", True)
+    latent_noise = r["loss"].get("latent_noise", 0.0)
+    if latent_noise and train_encoder:  # the encoder would just scale its latents up past the noise
+        raise SfumatoError("loss.latent_noise needs train_encoder = false (a decoder-only run)")
     if not train_encoder:
         vae.register_to_config(scaling_factor=kept_latent_scale(run))
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
-    t = make_trainable(run, VAEWithPosterior(vae))  # after loading: the EMA starts from those weights
+    t = make_trainable(run, VAEWithPosterior(vae, latent_noise))  # after loading: the EMA starts from those weights
     loss_cfg = r["loss"]
 
     def make_batch(step: int) -> dict:
