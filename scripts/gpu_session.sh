@@ -3,8 +3,9 @@
 # with two UNets side by side on the same VAE and CLIP (the shipped architecture, and unet_attn16 with
 # cross-attention at 16x16 too) for the adherence benchmark to choose between, packed into parts small
 # enough to copy back (15 MB each). Session 5 paired unet_zero_snr instead: it did not win.
-# Next (model card, session 10): unet_budget, 64 channels at 16x16 within the size budget, from scratch:
-#   VAE_FROM=src/sfumato/models/builtin CLIP_FROM=MODEL UNETS="unet_budget" UNET_MIN=7 OUT=folder bash scripts/gpu_session.sh
+# Next (model card, session 10): unet_budget, 64 channels at 16x16 within the size budget, from scratch,
+# on a CLIP trained in the same call (session 5's GPU CLIP was never committed, and is gone):
+#   VAE_FROM=src/sfumato/models/builtin CLIP_MIN=2 UNETS="unet_budget" UNET_MIN=6.5 OUT=folder bash scripts/gpu_session.sh
 # Session 7 trained UNets only, on a given VAE and CLIP (model card):
 #   VAE_FROM=src/sfumato/models/builtin CLIP_FROM=MODEL UNETS="unet_wide unet_wide_zero_snr" UNET_MIN=7 \
 #     OUT=folder bash scripts/gpu_session.sh
