@@ -491,3 +491,15 @@ def test_weights_are_read_as_copies_only_when_converted(exported):
         assert weights.get(key).dtype == torch.float16
     with checkpoints.open_weights(exported, dtype=torch.float32) as weights:
         assert weights._copies is None  # nothing to convert: views of the memory map
+
+
+def test_the_shipped_single_file_holds_the_shipped_folders_weights(tmp_path: Path):
+    # A retrained built-in model must be exported again (`sfumato export --half`), or the two drift.
+    single = checkpoints.BUILTIN_MODEL.parent / "sfumato-shapes.safetensors"
+    fresh = tmp_path / "fresh.safetensors"
+    checkpoints.export_single_file(checkpoints.BUILTIN_MODEL, fresh, half=True)
+    with safe_open(single, "pt") as shipped, safe_open(fresh, "pt") as exported:
+        names = sorted(shipped.keys())
+        assert names == sorted(exported.keys())
+        stale = [k for k in names if not torch.equal(shipped.get_tensor(k), exported.get_tensor(k))]
+    assert not stale, f"{len(stale)} tensors differ, e.g. {stale[:3]}"
