@@ -1,5 +1,6 @@
 import dataclasses
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,6 +202,73 @@ def test_fp16_weights_store_half_and_compute_in_float32(tiny_model_dir, tmp_path
         assert 0 < (ours - reference).abs().max() < 0.05 * reference.abs().max()
     with_int8 = pipeline(tiny_model_dir, Levers(fp16_weights=True, int8=True))  # int8 wins: fp32 in
     assert with_int8.model.unet.conv_in.weight.dtype == torch.float32
+
+
+def test_fp16_weights_cast_convs_to_nhwc_and_never_rewrite_the_loaded_weights(tiny_model_dir, tmp_path,
+                                                                             monkeypatch):
+    from sfumato.checkpoints import export_single_file
+
+    monkeypatch.setattr(accel, "FP16_WEIGHTS_MIN_PARAMS", 0)  # the tiny model stands in for an SD-sized one
+    single = tmp_path / "tiny-fp16.safetensors"
+    export_single_file(tiny_model_dir, single, half=True)  # fp16 on disk, as most checkpoints are
+    pipe = Pipeline.load(str(single), device="cpu", levers=Levers(page_out=False))
+    conv = pipe.model.unet.conv_in
+    assert conv.weight.dtype == torch.float16 and conv.weight.is_contiguous()  # the file's layout
+    layouts = []
+    conv.register_forward_hook(lambda m, a, out: layouts.append(
+        out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()))
+    resting = {name: p.data_ptr() for name, p in pipe.model.unet.named_parameters()}
+    image = np.asarray(pipe.generate(PARAMS)[0].image, int)
+    assert layouts and all(layouts)  # the cast wrote the conv weights in NHWC while they ran
+    assert resting == {name: p.data_ptr() for name, p in pipe.model.unet.named_parameters()}
+    # still the checkpoint's memory map: clean pages of the file that page_out can drop
+    assert accel.page_out(pipe.model.unet) > 0
+    nchw = Pipeline.load(str(single), device="cpu", levers=Levers(channels_last=False))
+    assert np.abs(np.asarray(nchw.generate(PARAMS)[0].image, int) - image).max() <= 1
+
+
+def rss_file_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_page_out_drops_clean_pages_of_a_mapped_file_only(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    n = 4 << 20  # 16 MB of float32 a tensor
+    save_file({"clean": torch.arange(n, dtype=torch.float32), "written": torch.ones(n)},
+              str(tmp_path / "w.safetensors"))
+    module = torch.nn.Module()
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
+        for name in ("clean", "written"):
+            module.register_buffer(name, f.get_tensor(name))
+    module.register_buffer("own", torch.full((n,), 2.0))  # memory of its own, not of the file
+    module.written.add_(1)  # every page of it copied on write: no longer the file's
+    expected = {name: t.clone() for name, t in module.named_buffers()}
+    assert module.clean.sum() > 0  # resident now
+    before = rss_file_mb()
+    dropped = accel.page_out(module) / 2**20
+    assert 16 - 0.01 < dropped < 16 + 0.01  # the clean tensor's pages, give or take a shared one
+    assert before - rss_file_mb() > 15
+    assert all(torch.equal(t, expected[name]) for name, t in module.named_buffers())  # read back
+
+
+def test_sd_sized_models_page_out_each_component_when_its_part_is_done(tiny_model_dir, monkeypatch):
+    calls = []
+    monkeypatch.setattr(accel, "page_out", lambda *modules: calls.append({id(m) for m in modules}) or 0)
+    pipeline(tiny_model_dir, Levers()).generate(PARAMS)
+    assert calls == []  # a small model's weights were cast at load, into memory of their own
+    monkeypatch.setattr(accel, "FP16_WEIGHTS_MIN_PARAMS", 0)
+    pipeline(tiny_model_dir, Levers(page_out=False)).generate(PARAMS)
+    assert calls == []
+    pipe = pipeline(tiny_model_dir, Levers())
+    pipe.generate(PARAMS)
+    model = pipe.model
+    assert calls == [{id(e) for e in model.text_encoders}, {id(model.unet), id(model.vae.encoder)},
+                     {id(model.vae)}]
 
 
 def test_fp16_weights_on_a_small_model_cast_once_to_the_same_numbers(tiny_model_dir, monkeypatch):

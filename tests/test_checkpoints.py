@@ -155,6 +155,47 @@ def test_export_half_stores_fp16(tiny, tiny_model, tmp_path):
     assert torch.equal(again.unet.conv_in.weight, weight.half().float())
 
 
+def test_an_fp32_file_read_as_fp16_is_kept_converted_in_the_cache(exported, tmp_path, monkeypatch):
+    from sfumato import accel
+
+    monkeypatch.setenv("SFUMATO_CACHE", str(tmp_path / "cache"))
+    converted_each_time = load_model(exported, dtype=torch.float16)
+    first = load_model(exported, dtype=torch.float16, keep_converted=True)
+    copy = checkpoints.converted_path(exported, torch.float16)
+    with safe_open(str(copy), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # noqa: SIM118
+    monkeypatch.setattr(checkpoints, "write_converted", lambda *a: pytest.fail("written again"))
+    later = load_model(exported, dtype=torch.float16, keep_converted=True)
+    expected = state_dicts(converted_each_time)
+    for model in (first, later):
+        got = state_dicts(model)
+        assert all(torch.equal(got[part][k], v) for part, state in expected.items() for k, v in state.items())
+        assert model.hash == converted_each_time.hash  # the checkpoint's own hash, not the copy's
+    assert accel.page_out(later.unet) > 0  # views of the copy's memory map
+    assert accel.page_out(converted_each_time.unet) == 0  # memory of the process's own
+
+
+def test_converted_copies_are_few_and_a_damaged_or_unwritable_cache_only_costs_time(
+        exported, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SFUMATO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(checkpoints, "CONVERTED_KEPT", 1)
+    other = tmp_path / "other.safetensors"
+    with safe_open(str(exported), "pt") as f:  # the same weights in another file
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(other), metadata={**f.metadata(), "x": "y"})  # noqa: SIM118
+    load_model(exported, dtype=torch.float16, keep_converted=True)
+    load_model(other, dtype=torch.float16, keep_converted=True)
+    assert list((tmp_path / "cache" / "converted").glob("*")) == [checkpoints.converted_path(other, torch.float16)]
+    checkpoints.converted_path(other, torch.float16).write_bytes(b"not a safetensors file")
+    reference = state_dicts(load_model(exported, dtype=torch.float16))
+    assert state_dicts(load_model(other, dtype=torch.float16, keep_converted=True)).keys() == reference.keys()
+    assert not checkpoints.converted_path(other, torch.float16).exists()  # removed: written anew next time
+    monkeypatch.setenv("SFUMATO_CACHE", str(other))  # a file where the cache folder should be
+    with caplog.at_level("WARNING"):
+        model = load_model(exported, dtype=torch.float16, keep_converted=True)
+    assert "can't keep a converted copy" in caplog.text
+    assert torch.equal(model.unet.conv_in.weight, reference["unet"]["conv_in.weight"])
+
+
 def test_describe_file_and_folder(tiny, exported):
     out = exported
     facts = describe(out)

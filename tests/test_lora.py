@@ -156,6 +156,23 @@ def test_fp16_model_restores_bit_exactly(tmp_path):
     assert same(before, weights(model))
 
 
+def test_merging_never_writes_into_the_loaded_weights(tmp_path):
+    """The weights as loaded (views of a checkpoint's memory map) stay untouched: merged weights
+    get memory of their own, and removing the LoRAs puts the very same tensors back."""
+    unet, _, text = tiny_components(seed=2)
+    model = SimpleNamespace(family="sd1", unet=unet.half(), text_encoders=[text.half()])
+    kohya_file(tmp_path / "k.safetensors")
+    loaded = {name: (p, p.data, p.data.clone())
+              for name, p in [*model.unet.named_parameters(), *model.text_encoders[0].named_parameters()]}
+    stack = LoraStack(model)
+    stack.activate([(str(tmp_path / "k.safetensors"), 1, 1)])
+    merged = [name for name, (p, data, _) in loaded.items() if p.data.data_ptr() != data.data_ptr()]
+    assert len(merged) == len(LAYERS)
+    assert all(torch.equal(data, copy) for _, data, copy in loaded.values())
+    stack.activate([])
+    assert all(p.data.data_ptr() == data.data_ptr() for p, data, _ in loaded.values())
+
+
 def tiny_sdxl_unet():
     from diffusers import UNet2DConditionModel
 

@@ -29,6 +29,19 @@ to plain fp32 eager (9.4 s):
                                  attention grows with the square of the tokens, convolutions linearly.
                                  Nothing to merge in SDXL or the built-in model (see merge_tokens)
 
+Two act on memory alone, for SD-sized models on the CPU. Together, one SD1.5 512x512 image
+(`sfumato bench speed --model sd15 --steps 2 --runs 2`; its file is fp32) peaked at 2,744 MB of
+RSS against diffusers' 5,428 (0.51x; 3,453 MB, 0.64x, before them), at the same speed:
+
+  page_out        exact   each component's weights leave resident memory when its part of an image
+                          is done (text encoder, UNet, VAE): they are views of the checkpoint's
+                          memory map, clean pages the OS keeps in its page cache, so the next image
+                          maps them back without reading the disk. An fp16 file, which peaked at
+                          4.9 GB (its pages plus NHWC copies of the convs' weights), now 2.75 GB
+  fp16_copy       exact   an fp32 checkpoint read as fp16 is converted once into a copy in the
+                          cache (checkpoints.converted_copy), then memory-mapped like an fp16 file:
+                          page_out can drop it, and a load skips the conversion
+
 Two more act only on small models (under FP16_WEIGHTS_MIN_PARAMS) on the CPU, where a step is
 a few hundred ops of tens of microseconds each; a built-in 128x128 image, alternating in one
 process (`python scripts/lever_ab.py "" "no-jit+no-one_thread"`): 0.40 s against 0.65 s.
@@ -52,6 +65,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sfumato.errors import ParamError
@@ -79,6 +93,8 @@ class Levers:
     fp16_weights: bool = True    # near-exact: weights kept in fp16, each layer run in fp32: half the RAM
     jit: bool = True             # exact: a small UNet on the CPU runs as a frozen trace (sfumato.tracing)
     one_thread: bool = True      # near-exact: a small model's denoising loop on one CPU thread
+    page_out: bool = True        # exact: an SD-sized model's idle weights leave resident memory (page_out)
+    fp16_copy: bool = True       # exact: on the CPU, an fp32 checkpoint's fp16 copy kept in the cache, memory-mapped
 
     @classmethod
     def parse(cls, names: list[str] | tuple[str, ...]) -> Levers:
@@ -165,15 +181,19 @@ def prepare(model, levers: Levers = Levers(), device: torch.device | str = "cpu"
     if levers.int8 and device.type != "cpu":
         raise ParamError("the int8 lever is for the CPU only (dynamic quantization has no CUDA kernels)")
     small = is_small(model)
+    # SD-sized models under fp16_weights: each layer's weights are cast while it runs. The cast
+    # writes conv weights in NHWC itself, so the resting ones are never rewritten (page_out).
+    cast_while_running = levers.weights_dtype(compute_dtype) != compute_dtype and not small
     if levers.weights_dtype(compute_dtype) != compute_dtype:
         from sfumato.weight_casting import cast_tensors, compute_layers_in
 
+        nhwc = torch.channels_last if levers.channels_last else torch.preserve_format
         for module in (model.unet, model.vae, *model.text_encoders):
             if small:
                 cast_tensors(module, compute_dtype)
             else:
-                compute_layers_in(module, compute_dtype)
-    if levers.channels_last:
+                compute_layers_in(module, compute_dtype, nhwc)
+    if levers.channels_last and not cast_while_running:
         model.unet.to(memory_format=torch.channels_last)
         # The VAE too where it is SD-sized: an SD1.5 512x512 decode took 21 s against 27 s, and its
         # peak memory above the loaded model fell from ~1,040 to ~880 MB (NCHW convolutions reorder
@@ -189,6 +209,13 @@ def prepare(model, levers: Levers = Levers(), device: torch.device | str = "cpu"
         compile_unet(model.unet, device)
     release_free_memory()
     return model
+
+
+def pages_out(levers: Levers, model, device: torch.device | str) -> bool:
+    """Whether the pipeline drops each component's weights from resident memory when its part of an
+    image is done (page_out): SD-sized models on the CPU, whose weights are views of the checkpoint's
+    memory map. A small model's are cast at load, into memory of their own."""
+    return levers.page_out and torch.device(device).type == "cpu" and not is_small(model)
 
 
 def is_small(model) -> bool:
@@ -257,6 +284,88 @@ def release_free_memory() -> None:
     (macOS, musl) it is a no-op."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
+
+
+MADV_DONTNEED = 4  # <sys/mman.h> on Linux
+PAGE_SIZE = 4096  # the unit of /proc/self/pagemap's entries on the machines this runs on
+# /proc/self/pagemap's flag bits (Documentation/admin-guide/mm/pagemap.rst)
+PAGE_FILE_OR_SHARED, PAGE_SWAPPED, PAGE_PRESENT = 1 << 61, 1 << 62, 1 << 63
+
+
+def page_out(*modules: torch.nn.Module) -> int:
+    """Take the resting weights of these modules out of the process's resident memory, where they
+    are clean pages of a mapped file: the checkpoint itself, whose tensors safetensors hands out
+    as views of a memory map. The OS keeps those pages in its page cache, so the next call maps
+    them back without reading the disk; meanwhile the memory is free for what runs (an SD1.5
+    UNet's 1.7 GB during the VAE decode). Returns the bytes dropped.
+
+    madvise(MADV_DONTNEED) by hand, as nothing in torch or the standard library drops pages of a
+    mapping it did not create. On a private file mapping it would also discard pages written since
+    (a copy made on write: a LoRA merged in place), so /proc/self/pagemap is read first and only
+    pages of the file itself, or not resident, are dropped. Linux only; elsewhere, and for weights
+    in memory of their own, it does nothing."""
+    try:
+        mapped = _file_mappings()
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            libc = ctypes.CDLL(None, use_errno=True)
+            dropped = 0
+            for lo, hi in _page_ranges(modules, mapped):
+                pagemap.seek(lo // PAGE_SIZE * 8)
+                flags = np.frombuffer(pagemap.read((hi - lo) // PAGE_SIZE * 8), dtype=np.uint64)
+                present, swapped, of_file = ((flags & np.uint64(bit)) != 0
+                                             for bit in (PAGE_PRESENT, PAGE_SWAPPED, PAGE_FILE_OR_SHARED))
+                for start, end in _runs(~swapped & (~present | of_file)):
+                    size = (end - start) * PAGE_SIZE
+                    if libc.madvise(ctypes.c_void_p(lo + start * PAGE_SIZE), ctypes.c_size_t(size),
+                                    MADV_DONTNEED) == 0:
+                        dropped += size
+            return dropped
+    except (OSError, AttributeError, ValueError):  # not Linux, or /proc not readable
+        return 0
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of every mapping of a file in this process, from /proc/self/maps."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields_ = line.split(maxsplit=5)
+            if len(fields_) == 6 and fields_[5].startswith("/"):
+                start, end = fields_[0].split("-")
+                ranges.append((int(start, 16), int(end, 16)))
+    return sorted(ranges)
+
+
+def _page_ranges(modules: tuple[torch.nn.Module, ...], mapped: list[tuple[int, int]]
+                 ) -> list[tuple[int, int]]:
+    """The whole pages the modules' CPU tensors lie on, where they lie in a file mapping, merged."""
+    import bisect
+
+    starts = [start for start, _ in mapped]
+    ranges = []
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.device.type != "cpu" or not tensor.numel():
+                continue
+            begin = tensor.data_ptr()
+            end = begin + (1 + sum((n - 1) * step for n, step in zip(tensor.shape, tensor.stride(),
+                                                                     strict=True))) * tensor.element_size()
+            i = bisect.bisect_right(starts, begin) - 1
+            if i >= 0 and end <= mapped[i][1]:
+                ranges.append((begin // PAGE_SIZE * PAGE_SIZE, -(-end // PAGE_SIZE) * PAGE_SIZE))
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of True in a 1-d boolean array."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
 def compile_cache() -> Path:

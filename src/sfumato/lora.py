@@ -130,7 +130,7 @@ def display_name(name: str) -> str:
 
 class LoraStack:
     """The set of LoRAs merged into one model. Only this object may change the model's weights
-    while it holds LoRAs (it restores from its own copies)."""
+    while it holds LoRAs (it puts back the weights it set aside)."""
 
     def __init__(self, model: Model, lora_dir: str | Path | None = None, *, allow_paths: bool = True):
         self.components = model_components(model)
@@ -138,7 +138,7 @@ class LoraStack:
         self.lora_dir = Path(lora_dir) if lora_dir else None
         self.allow_paths = allow_paths  # False for untrusted prompts (a server): names only
         self.reports: dict[str, LoraReport] = {}
-        self._originals: dict[tuple[str, str], Tensor] = {}  # bit-exact copies, on the CPU
+        self._originals: dict[tuple[str, str], Tensor] = {}  # the weights as loaded, on the CPU
         self._files: dict[Path, LoadedLora] = {}
         self._active: tuple = ()
         self._hashes: dict[str, str] = {}
@@ -208,20 +208,28 @@ class LoraStack:
 
     @torch.no_grad()
     def _merge(self, factors: dict[tuple[str, str], tuple[Tensor, Tensor]]) -> None:
-        """Set every touched weight to original + up @ down and every other one back to original."""
+        """Set every touched weight to original + up @ down and every other one back to original.
+
+        Merged weights get memory of their own and the originals are put back as they were, never
+        written into: weights loaded as views of the checkpoint's memory map stay clean pages of
+        the file, which accel.page_out can drop while they rest."""
         for target in list(self._originals):
             if target not in factors:
-                self._weight(target).copy_(self._originals.pop(target))
+                weight = self._weight(target)
+                weight.data = self._originals.pop(target).to(weight.device)
         for target, (up, down) in factors.items():
             weight = self._weight(target)
             if target not in self._originals:
-                self._originals[target] = weight.detach().to("cpu", copy=True)
+                # on the CPU the tensor itself (nothing writes into it); a GPU's weight is copied out
+                self._originals[target] = (weight.detach() if weight.device.type == "cpu"
+                                           else weight.detach().to("cpu", copy=True))
             original = self._originals[target].to(weight.device, torch.float32).flatten(1)
-            if weight.dtype == torch.float32 and weight.is_contiguous():
-                # fp32 weights: one fused pass, written straight into the parameter
-                torch.addmm(original, up, down, out=weight.view(original.shape))
+            merged = torch.empty_like(weight)  # the weight's dtype and memory format
+            if merged.dtype == torch.float32 and merged.is_contiguous():
+                torch.addmm(original, up, down, out=merged.view(original.shape))  # one fused pass
             else:
-                weight.copy_(torch.addmm(original, up, down).view(weight.shape))
+                merged.copy_(torch.addmm(original, up, down).view(weight.shape))
+            weight.data = merged
 
 
 def switch_timing(stack: LoraStack, sets: list[list[LoraSpec]], rounds: int = 3) -> list[float]:

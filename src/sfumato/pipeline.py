@@ -82,6 +82,7 @@ class Pipeline:
         self._loras = None  # sfumato.lora.LoraStack, created on first use
         self._tome_ratio = self.levers.tome  # the token merging ratio the UNet is patched with now
         self.one_thread = self.levers.one_thread and accel.small_on_cpu(model, device)
+        self.pages_out = accel.pages_out(self.levers, model, device)
         self._traced = None  # the jit lever's TracedUNet, where it applies
         if accel.traces_unet(self.levers, model, device):
             from sfumato.tracing import TracedUNet
@@ -100,7 +101,8 @@ class Pipeline:
         dtype = dtype or default_dtype(torch_device)
         levers = levers or accel.Levers()
         loaded = load_model(model or BUILTIN_MODEL, vae=vae, device=torch_device,
-                            dtype=levers.weights_dtype(dtype), allow_pickle=allow_pickle)
+                            dtype=levers.weights_dtype(dtype), allow_pickle=allow_pickle,
+                            keep_converted=levers.fp16_copy and torch_device.type == "cpu")
         return cls(accel.prepare(loaded, levers, torch_device, dtype), torch_device, dtype, lora_dir,
                    levers, allow_lora_paths)
 
@@ -118,8 +120,11 @@ class Pipeline:
                            else params.token_merging_ratio)
         params = dataclasses.replace(params, token_merging_ratio=self._tome_ratio)
 
-        pixels = self.decode(self.sample_latents(params, prompt, negative, width, height,
-                                                 callback=callback, init_image=init_image))
+        latents = self.sample_latents(params, prompt, negative, width, height, callback=callback,
+                                      init_image=init_image)
+        self._rest(self.model.unet, self.model.vae.encoder)  # memory for the decode's activations
+        pixels = self.decode(latents)
+        self._rest(self.model.vae)
         return [self._finish(image, params, i, width, height, lora_hashes, init_image is not None)
                 for i, image in enumerate(pixels)]
 
@@ -130,6 +135,7 @@ class Pipeline:
         b = params.batch_size
         seeds = [params.seed + i for i in range(b)]
         cond, uncond = self.condition([prompt, negative], 1, width, height, params.clip_skip)
+        self._rest(*self.model.text_encoders)
 
         sigmas = get_sigmas(params.scheduler, params.steps, self.model.alphas_cumprod)
         noise = latent_space.SeededNoise(seeds, latent_space.latent_shape(self.model.vae, width, height),
@@ -184,6 +190,12 @@ class Pipeline:
         pixels = torch.from_numpy(np.array(resized)).permute(2, 0, 1)[None].float() / 255
         generator = torch.Generator("cpu").manual_seed(seed)
         return latent_space.encode(self.model.vae, pixels, generator).to(self.device)
+
+    def _rest(self, *modules: torch.nn.Module) -> None:
+        """Until their next use, these weights leave resident memory (accel.page_out): an SD1.5
+        512x512 image then peaks at what one component needs, not all three."""
+        if self.pages_out:
+            accel.page_out(*modules)
 
     def _activate_loras(self, specs: list[tuple[str, float, float]]) -> dict[str, str]:
         """Apply exactly these LoRAs (removing others); returns {name: short hash} for metadata."""

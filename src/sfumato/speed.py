@@ -137,8 +137,14 @@ def resolve_model(name: str) -> Path:
 
 
 def evict_from_page_cache(path: Path) -> None:
-    """Drop this model's files from the OS page cache (only these files: harmless to others)."""
-    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+    """Drop this model's files, and the fp16 copy sfumato keeps of it, from the OS page cache
+    (only these files: harmless to others)."""
+    import torch
+
+    from sfumato.checkpoints import converted_path
+
+    files = [path, converted_path(path, torch.float16)] if path.is_file() else list(path.rglob("*"))
+    for file in [f for f in files if f.is_file()]:
         fd = os.open(file, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
