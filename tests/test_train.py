@@ -190,6 +190,31 @@ def test_min_snr_weighting_caps_the_easy_timesteps():
     assert v.item() == pytest.approx((5 / 1000 + 0.5 + 0) / 3, rel=1e-4)
 
 
+def test_pixel_weights_move_each_samples_loss_towards_the_weighted_pixels():
+    from sfumato.train.common import denoising_loss
+
+    prediction, target = torch.zeros(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)
+    target[:, :, 0, 0] = 2.0  # all the error on one pixel of four: plain MSE 1
+    alpha_bar = torch.tensor([0.5, 0.5])
+    weights = torch.ones(2, 1, 2, 2)
+    assert denoising_loss(prediction, target, alpha_bar, "epsilon", pixel_weights=weights) == 1.0
+    weights[:, :, 0, 0] = 5.0  # that pixel weighs 5 of 8 now
+    assert denoising_loss(prediction, target, alpha_bar, "epsilon", pixel_weights=weights).item() == \
+        pytest.approx(4 * 5 / 8)
+
+
+def test_latent_object_masks_cover_the_objects_and_nothing_else():
+    from sfumato.train.unet import latent_object_masks
+    from sfumato.world.scenes import ObjectSpec, Scene
+
+    star = ObjectSpec("star", "red", "small", x=0.25, y=0.75)  # radius 0.08 of the width
+    [mask] = latent_object_masks([Scene("night", (star,))], 16)  # the night's own stars: background
+    rows, cols = torch.nonzero(mask[0], as_tuple=True)
+    assert mask.shape == (1, 16, 16) and 8 <= int(mask.sum()) <= 16
+    # latent pixels centred within 0.08 + 1/16 of (0.25, 0.75): columns and rows 2..5 and 10..13
+    assert (cols.min(), cols.max(), rows.min(), rows.max()) == (2, 5, 10, 13)
+
+
 def test_learning_rate_warms_up_then_follows_its_schedule(tmp_path: Path):
     from sfumato.train.common import learning_rate
 

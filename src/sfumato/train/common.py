@@ -423,15 +423,23 @@ def offset_noise(shape: torch.Size, offset: float, generator: torch.Generator, d
 
 
 def denoising_loss(prediction: Tensor, target: Tensor, alpha_bar: Tensor, prediction_type: str,
-                   min_snr_gamma: float = 0.0) -> Tensor:
+                   min_snr_gamma: float = 0.0, pixel_weights: Tensor | None = None) -> Tensor:
     """MSE of an eps or v prediction; with `min_snr_gamma` > 0, each sample weighted by Min-SNR-γ.
 
     Min-SNR (Hang et al. 2023; kohya's --min_snr_gamma) caps the weight of the low-noise timesteps,
     whose easy, detail-only targets otherwise dominate the gradient, in favour of the mid-noise ones
     where layout and shape are decided: the paper reports ~3x faster convergence. In terms of the
     x0 error the weight is min(SNR, γ); for an eps target that is min(SNR, γ) / SNR, for a v target
-    min(SNR, γ) / (SNR + 1). alpha_bar: (b,) of each sample's timestep."""
-    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    min(SNR, γ) / (SNR + 1). alpha_bar: (b,) of each sample's timestep.
+
+    pixel_weights: (b, 1, h, w), each latent pixel's share of its sample's loss (normalized per
+    sample, so that the balance between timesteps stays Min-SNR's)."""
+    squared = (prediction.float() - target.float()).pow(2)
+    if pixel_weights is None:
+        per_sample = squared.flatten(1).mean(1)
+    else:
+        weights = pixel_weights.to(squared)
+        per_sample = (squared * weights).flatten(1).mean(1) / weights.flatten(1).mean(1)
     if min_snr_gamma <= 0:
         return per_sample.mean()
     alpha_bar = alpha_bar.to(per_sample.device, torch.float32)
