@@ -210,9 +210,10 @@ class LoraStack:
     def _merge(self, factors: dict[tuple[str, str], tuple[Tensor, Tensor]]) -> None:
         """Set every touched weight to original + up @ down and every other one back to original.
 
-        Merged weights get memory of their own and the originals are put back as they were, never
-        written into: weights loaded as views of the checkpoint's memory map stay clean pages of
-        the file, which accel.page_out can drop while they rest."""
+        A layer's first merge gives it memory of its own (later merges write there), and removing
+        its LoRAs puts the original tensor back: the weights as loaded are never written into, so
+        views of the checkpoint's memory map stay clean pages of the file, which accel.page_out
+        can drop while they rest."""
         for target in list(self._originals):
             if target not in factors:
                 weight = self._weight(target)
@@ -223,13 +224,12 @@ class LoraStack:
                 # on the CPU the tensor itself (nothing writes into it); a GPU's weight is copied out
                 self._originals[target] = (weight.detach() if weight.device.type == "cpu"
                                            else weight.detach().to("cpu", copy=True))
+                weight.data = torch.empty_like(weight)  # the weight's dtype and memory format
             original = self._originals[target].to(weight.device, torch.float32).flatten(1)
-            merged = torch.empty_like(weight)  # the weight's dtype and memory format
-            if merged.dtype == torch.float32 and merged.is_contiguous():
-                torch.addmm(original, up, down, out=merged.view(original.shape))  # one fused pass
+            if weight.dtype == torch.float32 and weight.is_contiguous():
+                torch.addmm(original, up, down, out=weight.view(original.shape))  # one fused pass
             else:
-                merged.copy_(torch.addmm(original, up, down).view(weight.shape))
-            weight.data = merged
+                weight.copy_(torch.addmm(original, up, down).view(weight.shape))
 
 
 def switch_timing(stack: LoraStack, sets: list[list[LoraSpec]], rounds: int = 3) -> list[float]:
