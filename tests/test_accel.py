@@ -254,11 +254,15 @@ def test_page_out_drops_clean_pages_of_a_mapped_file_only(tmp_path):
     assert 16 - 0.01 < dropped < 16 + 0.01  # the clean tensor's pages, give or take a shared one
     assert before - rss_file_mb() > 15
     assert all(torch.equal(t, expected[name]) for name, t in module.named_buffers())  # read back
+    assert module.clean.sum() > 0 and accel.page_out(tensors=[module.clean]) / 2**20 > 15  # outside a module
 
 
-def test_sd_sized_models_page_out_each_component_when_its_part_is_done(tiny_model_dir, monkeypatch):
+def test_sd_sized_models_page_out_each_component_when_its_part_is_done(tiny_model_dir, tmp_path, monkeypatch):
+    from test_lora import kohya_file
+
     calls = []
-    monkeypatch.setattr(accel, "page_out", lambda *modules: calls.append({id(m) for m in modules}) or 0)
+    monkeypatch.setattr(accel, "page_out", lambda *modules, tensors=(): calls.append(
+        {id(m) for m in [*modules, *tensors]}) or 0)
     pipeline(tiny_model_dir, Levers()).generate(PARAMS)
     assert calls == []  # a small model's weights were cast at load, into memory of their own
     monkeypatch.setattr(accel, "FP16_WEIGHTS_MIN_PARAMS", 0)
@@ -269,6 +273,12 @@ def test_sd_sized_models_page_out_each_component_when_its_part_is_done(tiny_mode
     model = pipe.model
     assert calls == [{id(e) for e in model.text_encoders}, {id(model.unet), id(model.vae.encoder)},
                      {id(model.vae)}]
+    calls.clear()
+    kohya_file(tmp_path / "a.safetensors")
+    pipe = Pipeline.load(str(tiny_model_dir), device="cpu", lora_dir=tmp_path)
+    pipe.generate(dataclasses.replace(PARAMS, prompt="a star <lora:a:1>"))
+    set_aside = pipe._loras.set_aside()
+    assert set_aside and calls[0] == {id(t) for t in set_aside}  # what the merge read, out at once
 
 
 def test_fp16_weights_on_a_small_model_cast_once_to_the_same_numbers(tiny_model_dir, monkeypatch):

@@ -61,7 +61,7 @@ import contextlib
 import ctypes
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -292,12 +292,13 @@ PAGE_SIZE = 4096  # the unit of /proc/self/pagemap's entries on the machines thi
 PAGE_FILE_OR_SHARED, PAGE_SWAPPED, PAGE_PRESENT = 1 << 61, 1 << 62, 1 << 63
 
 
-def page_out(*modules: torch.nn.Module) -> int:
+def page_out(*modules: torch.nn.Module, tensors: Iterable[torch.Tensor] = ()) -> int:
     """Take the resting weights of these modules out of the process's resident memory, where they
     are clean pages of a mapped file: the checkpoint itself, whose tensors safetensors hands out
     as views of a memory map. The OS keeps those pages in its page cache, so the next call maps
     them back without reading the disk; meanwhile the memory is free for what runs (an SD1.5
-    UNet's 1.7 GB during the VAE decode). Returns the bytes dropped.
+    UNet's 1.7 GB during the VAE decode); `tensors`: more of them, outside the modules (the
+    weights a LoRA merge set aside). Returns the bytes dropped.
 
     madvise(MADV_DONTNEED) by hand, as nothing in torch or the standard library drops pages of a
     mapping it did not create. On a private file mapping it would also discard pages written since
@@ -309,7 +310,8 @@ def page_out(*modules: torch.nn.Module) -> int:
         with open("/proc/self/pagemap", "rb") as pagemap:
             libc = ctypes.CDLL(None, use_errno=True)
             dropped = 0
-            for lo, hi in _page_ranges(modules, mapped):
+            every = [t for m in modules for t in (*m.parameters(), *m.buffers())] + list(tensors)
+            for lo, hi in _page_ranges(every, mapped):
                 pagemap.seek(lo // PAGE_SIZE * 8)
                 flags = np.frombuffer(pagemap.read((hi - lo) // PAGE_SIZE * 8), dtype=np.uint64)
                 present, swapped, of_file = ((flags & np.uint64(bit)) != 0
@@ -336,23 +338,21 @@ def _file_mappings() -> list[tuple[int, int]]:
     return sorted(ranges)
 
 
-def _page_ranges(modules: tuple[torch.nn.Module, ...], mapped: list[tuple[int, int]]
-                 ) -> list[tuple[int, int]]:
-    """The whole pages the modules' CPU tensors lie on, where they lie in a file mapping, merged."""
+def _page_ranges(tensors: list[torch.Tensor], mapped: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The whole pages the CPU tensors lie on, where they lie in a file mapping, merged."""
     import bisect
 
     starts = [start for start, _ in mapped]
     ranges = []
-    for module in modules:
-        for tensor in [*module.parameters(), *module.buffers()]:
-            if tensor.device.type != "cpu" or not tensor.numel():
-                continue
-            begin = tensor.data_ptr()
-            end = begin + (1 + sum((n - 1) * step for n, step in zip(tensor.shape, tensor.stride(),
-                                                                     strict=True))) * tensor.element_size()
-            i = bisect.bisect_right(starts, begin) - 1
-            if i >= 0 and end <= mapped[i][1]:
-                ranges.append((begin // PAGE_SIZE * PAGE_SIZE, -(-end // PAGE_SIZE) * PAGE_SIZE))
+    for tensor in tensors:
+        if tensor.device.type != "cpu" or not tensor.numel():
+            continue
+        begin = tensor.data_ptr()
+        end = begin + (1 + sum((n - 1) * step for n, step in zip(tensor.shape, tensor.stride(),
+                                                                 strict=True))) * tensor.element_size()
+        i = bisect.bisect_right(starts, begin) - 1
+        if i >= 0 and end <= mapped[i][1]:
+            ranges.append((begin // PAGE_SIZE * PAGE_SIZE, -(-end // PAGE_SIZE) * PAGE_SIZE))
     merged: list[tuple[int, int]] = []
     for lo, hi in sorted(ranges):
         if merged and lo <= merged[-1][1]:

@@ -160,6 +160,10 @@ class LoraStack:
                         for name, lora, _, _ in loaded}
         return dict(self._hashes)
 
+    def set_aside(self) -> list[Tensor]:
+        """The weights as loaded of the layers LoRAs are merged into now (read only by merges)."""
+        return list(self._originals.values())
+
     @property
     def active(self) -> tuple:
         """What is applied now: (path, file stamp, te weight, unet weight) per LoRA."""

@@ -210,6 +210,8 @@ class Pipeline:
         hashes = self._loras.activate(specs)
         if self._loras.active != before:
             self._unet_changed()
+            if self.pages_out:  # read by the merge, unused until the next one
+                accel.page_out(tensors=self._loras.set_aside())
         return hashes
 
     def _merge_tokens(self, ratio: float) -> None:
