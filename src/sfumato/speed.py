@@ -450,8 +450,8 @@ def format_report(setup: Setup, table: dict, quality: dict) -> str:
 @click.option("--sampler", default="Euler", show_default=True)
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--lever", "levers", multiple=True,
-              help="sfumato lever (deepcache, tome, int8, compile, bf16; no-fp16_weights, no-channels_last "
-                   "turn a default off), repeatable.")
+              help="sfumato lever (deepcache, tome, int8, compile, bf16; no-fp16_weights, no-channels_last, "
+                   "no-page_out, no-fp16_copy turn a default off), repeatable.")
 @click.option("--cli-runs", type=int, default=3, show_default=True,
               help="Times to run the whole `sfumato generate` command, and its phases (0 = skip).")
 @click.option("--cli-model", default="builtin", show_default=True, help="The model it generates with.")
