@@ -183,8 +183,9 @@ def prepare(model, levers: Levers = Levers(), device: torch.device | str = "cpu"
     small = is_small(model)
     # SD-sized models under fp16_weights: each layer's weights are cast while it runs. The cast
     # writes conv weights in NHWC itself, so the resting ones are never rewritten (page_out).
-    cast_while_running = levers.weights_dtype(compute_dtype) != compute_dtype and not small
-    if levers.weights_dtype(compute_dtype) != compute_dtype:
+    cast_weights = levers.weights_dtype(compute_dtype) != compute_dtype
+    cast_while_running = cast_weights and not small
+    if cast_weights:
         from sfumato.weight_casting import cast_tensors, compute_layers_in
 
         nhwc = torch.channels_last if levers.channels_last else torch.preserve_format

@@ -138,6 +138,10 @@ class CopyingReader:
                                   f"it reads {', '.join(SAFETENSORS_DTYPES)}.")
         return stored, self.dtype if stored.is_floating_point else stored
 
+    def nbytes(self, key: str) -> int:
+        """The size of a tensor as read."""
+        return math.prod(self.entries[key]["shape"]) * self.dtypes(key)[1].itemsize
+
     def get(self, key: str) -> Tensor:
         entry = self.entries[key]
         stored, wanted = self.dtypes(key)
@@ -172,9 +176,8 @@ def write_converted(reader: CopyingReader, out: Path) -> None:
     header: dict[str, Any] = {}
     offset = 0
     for key, entry in reader.entries.items():
-        wanted = reader.dtypes(key)[1]
-        size = math.prod(entry["shape"]) * wanted.itemsize
-        header[key] = {"dtype": SAFETENSORS_NAMES[wanted], "shape": entry["shape"],
+        size = reader.nbytes(key)
+        header[key] = {"dtype": SAFETENSORS_NAMES[reader.dtypes(key)[1]], "shape": entry["shape"],
                        "data_offsets": [offset, offset + size]}
         offset += size
     if reader.metadata:
@@ -206,7 +209,7 @@ def converted_copy(reader: CopyingReader, path: Path) -> Path | None:
                 os.utime(out)  # most recently used
             return out
         out.parent.mkdir(parents=True, exist_ok=True)
-        needed = sum(math.prod(e["shape"]) * reader.dtypes(k)[1].itemsize for k, e in reader.entries.items())
+        needed = sum(reader.nbytes(key) for key in reader.entries)
         if shutil.disk_usage(out.parent).free < needed + (1 << 30):  # never fill the disk to the brim
             log.info("not enough free disk for a converted copy of %s in %s", path.name, out.parent)
             return None

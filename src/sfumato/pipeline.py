@@ -191,11 +191,11 @@ class Pipeline:
         generator = torch.Generator("cpu").manual_seed(seed)
         return latent_space.encode(self.model.vae, pixels, generator).to(self.device)
 
-    def _rest(self, *modules: torch.nn.Module) -> None:
+    def _rest(self, *modules: torch.nn.Module, tensors: list[torch.Tensor] | None = None) -> None:
         """Until their next use, these weights leave resident memory (accel.page_out): an SD1.5
         512x512 image then peaks at what one component needs, not all three."""
         if self.pages_out:
-            accel.page_out(*modules)
+            accel.page_out(*modules, tensors=tensors or ())
 
     def _activate_loras(self, specs: list[tuple[str, float, float]]) -> dict[str, str]:
         """Apply exactly these LoRAs (removing others); returns {name: short hash} for metadata."""
@@ -210,8 +210,7 @@ class Pipeline:
         hashes = self._loras.activate(specs)
         if self._loras.active != before:
             self._unet_changed()
-            if self.pages_out:  # read by the merge, unused until the next one
-                accel.page_out(tensors=self._loras.set_aside())
+            self._rest(tensors=self._loras.set_aside())  # read by the merge, unused until the next
         return hashes
 
     def _merge_tokens(self, ratio: float) -> None:
