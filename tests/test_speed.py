@@ -36,17 +36,22 @@ def test_startup_times_the_command_and_its_phases(tiny_model_dir, tmp_path, monk
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     # the phases run here rather than in a fresh process: the same function, one subprocess fewer
-    monkeypatch.setattr(speed, "spawn", lambda request: speed.startup_phases(
-        Path(request["model"]), Path(request["out"]), request["spawned"]))
+    def phases_here(request, env):  # the same function, one subprocess fewer; the command's cache
+        monkeypatch.setenv("SFUMATO_CACHE", env["SFUMATO_CACHE"])
+        return speed.startup_phases(Path(request["model"]), Path(request["out"]), request["spawned"])
+
+    monkeypatch.setattr(speed, "spawn", phases_here)
     found = speed.time_startup(tiny_model_dir, 1, tmp_path)
-    assert found["wall_s"][0] > 0 and found["cpu_s"][0] > 0 and found["loadavg"] >= 0
+    assert found["first_wall_s"] > 0 and found["wall_s"][0] > 0 and found["cpu_s"][0] > 0
+    assert found["loadavg"] >= 0
     [phases] = found["phases"]
     assert all(phases[key] >= 0 for key, _ in PHASES) and phases["decode_s"] > 0 and phases["sample_s"] > 0
     assert (phases["size"], phases["steps"]) == (64, 20)  # the CLI's defaults on this model
+    assert phases["bundle"]  # the first command traced the model for the later ones
     # then two jobs through a `sfumato serve` of the model, the first untimed
     assert len(found["server_wall_s"]) == 1 and found["server_wall_s"][0] > 0
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00000-1.png", "00001-1.png", "00002-1.png",
-                                                              "phases.png"]
+                                                              "00003-1.png", "phases.png"]
     assert "`sfumato generate` wall" in speed.format_startup(found)
 
 
@@ -54,14 +59,15 @@ def test_startup_only_skips_the_comparison(monkeypatch, tmp_path):
     def no_comparison(*_):
         raise AssertionError("the comparison ran")
 
-    found = {"wall_s": [3.0, 1.0, 2.0], "cpu_s": [2.0, 2.0, 2.0], "loadavg": 0.5,
-             "phases": [{**{key: 0.25 for key, _ in PHASES}, "size": 128, "steps": 20}] * 3,
+    found = {"first_wall_s": 9.5, "wall_s": [3.0, 1.0, 2.0], "cpu_s": [2.0, 2.0, 2.0], "loadavg": 0.5,
+             "phases": [{**{key: 0.25 for key, _ in PHASES}, "size": 128, "steps": 20, "bundle": True}] * 3,
              "server_wall_s": [0.5, 0.7, 0.6]}
     monkeypatch.setattr(speed, "compare_with_diffusers", no_comparison)
     monkeypatch.setattr(speed, "time_startup", lambda model, runs, out: found)
     result = CliRunner().invoke(speed_command, ["--startup-only", "--cli-model", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
-    assert "median 2.00 s of 3 (3.00, 1.00, 2.00)" in result.output and "128x128, 20 steps" in result.output
+    assert "first run (a fresh cache: it traces the networks) 9.50 s" in result.output
+    assert "later runs (from the model's traces) median 2.00 s of 3 (3.00, 1.00, 2.00)" in result.output and "128x128, 20 steps" in result.output
     assert all(f"{label} 0.25" in result.output for _, label in PHASES)
     assert "--server` wall, against a running `sfumato serve` of the model: median 0.60 s" in result.output
     assert json.loads(result.output.strip().splitlines()[-1])["startup"] == found

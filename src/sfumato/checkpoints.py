@@ -61,6 +61,7 @@ class Model:
     name: str
     hash: str                 # A1111 "Model hash": sha256[:10] of the file (folders: unet weights)
     path: Path
+    frozen: bool = False      # the networks are traces standing in for them (sfumato.frozen)
 
 
 # ---------------------------------------------------------------- reading files

@@ -113,13 +113,13 @@ def generate(ctx: click.Context, prompt: str | None, model, vae, loras, lora_dir
         _generate_on_server(ctx, server, api_key, params, init_image, model, vae, Path(out))
         return
 
-    import sfumato
     from sfumato.accel import Levers
+    from sfumato.frozen import generate_once
 
-    pipe = sfumato.load(model, vae=vae, device=device, allow_pickle=allow_pickle, lora_dir=lora_dir,
-                        levers=Levers.parse(levers))
     with _progress_bar(params.steps, "sampling") as progress:
-        images = pipe.generate(params, callback=progress, init_image=init)
+        images = generate_once(model, params, vae=vae, device=device, allow_pickle=allow_pickle,
+                               lora_dir=lora_dir, levers=Levers.parse(levers), init_image=init,
+                               callback=progress)
     for result in images:
         path = _save(result, Path(out))
         click.echo(f"{path}  seed={result.seed}")

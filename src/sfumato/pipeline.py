@@ -84,7 +84,7 @@ class Pipeline:
         self.one_thread = self.levers.one_thread and accel.small_on_cpu(model, device)
         self.pages_out = accel.pages_out(self.levers, model, device)
         self._traced = None  # the jit lever's TracedUNet, where it applies
-        if accel.traces_unet(self.levers, model, device):
+        if accel.traces_unet(self.levers, model, device) and not model.frozen:
             from sfumato.tracing import TracedUNet
 
             self._traced = TracedUNet(model.unet, cache_folder() / "jit")

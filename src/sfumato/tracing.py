@@ -60,7 +60,7 @@ class TracedUNet(torch.nn.Module):
     def forward(self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
                  return_dict: bool = False, **extra) -> tuple[Tensor]:
         inputs = (sample, timestep, encoder_hidden_states)
-        trace = self._trace_for(inputs) if self.enabled and not (extra or return_dict) else None
+        trace = self.trace_for(inputs) if self.enabled and not (extra or return_dict) else None
         if trace is None:
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                              return_dict=return_dict, **extra)
@@ -69,7 +69,8 @@ class TracedUNet(torch.nn.Module):
         with torch.jit.optimized_execution(False):
             return (trace(*inputs),)
 
-    def _trace_for(self, inputs: tuple[Tensor, ...]) -> Callable | None:
+    def trace_for(self, inputs: tuple[Tensor, ...]) -> Callable | None:
+        """The trace for inputs of this signature (loaded or made on first use); None: untraceable."""
         shape = input_signature(inputs)
         if shape not in self._traces:
             self._traces[shape] = self._load_or_trace(inputs, shape)
