@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sfumato import frozen
@@ -95,7 +96,7 @@ def test_requests_that_change_the_networks_are_not_served(change):
     assert not frozen.serves(params, vae=None, device=None, levers=Levers(), init_image=None)
 
 
-def test_only_the_default_levers_on_the_cpu_with_the_models_own_vae_are_served():
+def test_only_the_default_levers_on_the_cpu_with_the_models_own_vae_are_served(monkeypatch):
     def served(**kwargs):
         return frozen.serves(PARAMS, **{"vae": None, "device": None, "levers": Levers(), "init_image": None,
                                         **kwargs})
@@ -104,6 +105,8 @@ def test_only_the_default_levers_on_the_cpu_with_the_models_own_vae_are_served()
     assert not served(levers=Levers.parse(["deepcache"]))
     assert not served(levers=Levers.parse(["no-jit"]))
     assert not served(device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine: its GPU by default
+    assert not served() and served(device="cpu")
     assert not served(vae="other.safetensors")
     assert not served(init_image=Image.new("RGB", (64, 64)))
 

@@ -93,11 +93,12 @@ def serves(params: Any, *, vae: str | None, device: str | None, levers: accel.Le
            init_image: Any) -> bool:
     """Whether a bundle may serve this request at all: the default levers on the CPU, the model's
     own VAE, no img2img, no LoRA, no token merging (each changes the networks or their code)."""
+    from sfumato.pipeline import pick_device
+
     prompt_tags = extract_lora_tags(params.prompt)[1] + extract_lora_tags(params.negative_prompt)[1]
     return (vae is None and init_image is None and not params.loras and not prompt_tags
             and not params.token_merging_ratio and levers == accel.Levers()
-            and device in (None, "cpu") and not torch.cuda.is_available()
-            and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()))
+            and pick_device(device).type == "cpu")
 
 
 # ---------------------------------------------------------------- the stand-ins
