@@ -66,22 +66,22 @@ def test_the_metadata_matches_the_full_models(tiny_model_dir):
 
 def test_a_shape_without_a_trace_falls_back_to_the_full_model_and_joins_the_bundle(tiny_model_dir, monkeypatch):
     run(tiny_model_dir)
-    traces = set(bundle(tiny_model_dir).glob("unet-*.pt"))
+    traces = set(bundle(tiny_model_dir).glob("trace-unet-*.pt"))
     bigger = dataclasses.replace(PARAMS, width=96)
     once = run(tiny_model_dir, bigger)
-    assert len(set(bundle(tiny_model_dir).glob("unet-*.pt")) - traces) == 1
+    assert len(set(bundle(tiny_model_dir).glob("trace-unet-*.pt")) - traces) == 1
     no_full_load(monkeypatch)
     assert_same(run(tiny_model_dir, bigger), once)
 
 
 def test_a_damaged_trace_or_an_incomplete_bundle_is_not_used(tiny_model_dir):
     first = run(tiny_model_dir)
-    for trace in bundle(tiny_model_dir).glob("unet-*.pt"):
+    for trace in bundle(tiny_model_dir).glob("trace-unet-*.pt"):
         trace.write_bytes(b"not a TorchScript archive")
     assert_same(run(tiny_model_dir), first)  # the full model, which writes the trace anew
     (bundle(tiny_model_dir) / frozen.META).unlink()
     with pytest.raises(frozen.FrozenMiss):
-        frozen.load_bundle(bundle(tiny_model_dir))
+        frozen.load_bundle(bundle(tiny_model_dir), tiny_model_dir)
     assert_same(run(tiny_model_dir), first)
 
 
@@ -111,11 +111,20 @@ def test_only_the_default_levers_on_the_cpu_with_the_models_own_vae_are_served(m
     assert not served(init_image=Image.new("RGB", (64, 64)))
 
 
+def test_a_copy_of_the_model_shares_its_bundle_but_not_its_name(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "renamed")
+    assert bundle(copy) == bundle(tiny_model_dir)  # the same contents: the same bundle
+    frozen.generate_once(str(tiny_model_dir), PARAMS)
+    no_full_load(monkeypatch)
+    assert "Model: renamed," in frozen.generate_once(str(copy), PARAMS)[0].infotext
+
+
 def test_another_model_file_has_another_bundle(tiny_model_dir, tmp_path):
     import shutil
 
     copy = shutil.copytree(tiny_model_dir, tmp_path / "tiny-sd")
-    assert bundle(copy) == bundle(tiny_model_dir)  # the same contents: the same bundle
     config = copy / "unet" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "_note": "changed"}))
     assert bundle(copy) != bundle(tiny_model_dir)
@@ -155,3 +164,22 @@ def test_a_served_run_imports_neither_diffusers_nor_transformers(tiny_model_dir,
     env = {**os.environ, "SFUMATO_CACHE": str(own_cache)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_pruning_keeps_what_every_run_of_the_model_needs(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(frozen, "KEEP_TRACES", 1)
+    first = run(tiny_model_dir)
+    run(tiny_model_dir, dataclasses.replace(PARAMS, width=96))  # its traces push out the first ones
+    assert len(list(bundle(tiny_model_dir).glob("trace-*.pt"))) == 1
+    assert list(bundle(tiny_model_dir).glob("text-norm-*.pt"))
+    assert_same(run(tiny_model_dir), first)  # traced again, from the full model
+    no_full_load(monkeypatch)
+    frozen.load_bundle(bundle(tiny_model_dir), tiny_model_dir)
+
+
+def test_an_image_decoded_in_tiles_is_left_to_the_full_model_before_sampling(tiny_model_dir, monkeypatch):
+    run(tiny_model_dir)
+    monkeypatch.setattr(Pipeline, "generate", lambda *a, **k: pytest.fail("sampled from the bundle"))
+    huge = dataclasses.replace(PARAMS, width=1032, height=1032)
+    with pytest.raises(frozen.FrozenMiss, match="tiles"):
+        frozen._generate_from_bundle(bundle(tiny_model_dir), tiny_model_dir, huge, None, Levers(), None)

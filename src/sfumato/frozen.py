@@ -54,7 +54,7 @@ class FrozenMiss(Exception):
 # ---------------------------------------------------------------- which runs a bundle serves
 
 
-def bundle_folder(model: str | Path | None, levers: accel.Levers) -> Path | None:
+def bundle_folder(model: str | Path | None, levers: accel.Levers, allow_pickle: bool = False) -> Path | None:
     """Where the bundle of these model files under these levers lives. Keyed by the files' contents
     (sha256, cached by size and mtime) and the library versions of the traces. None: no such model
     (the full load says what is wrong), or one too big to be small (no bundle: its imports are a
@@ -68,7 +68,8 @@ def bundle_folder(model: str | Path | None, levers: accel.Levers) -> Path | None
     what = {
         "format": BUNDLE_FORMAT,
         "files": [[str(p.relative_to(path)) if path.is_dir() else p.name, sha256_file(p)] for p in files],
-        "levers": repr(levers),
+        "levers": repr(levers),  # the default ones: serves() takes no others, yet their defaults may change
+        "allow_pickle": allow_pickle,  # a .ckpt loaded once with the flag is not served without it
         "versions": [sfumato.__version__, torch.__version__,
                      *(importlib.metadata.version(name) for name in ("diffusers", "transformers", "tokenizers"))],
         "code": _code_digest(),
@@ -79,7 +80,8 @@ def bundle_folder(model: str | Path | None, levers: accel.Levers) -> Path | None
 
 # sfumato's modules that decide what the networks compute: a change to them (without a new version
 # number, as in development) makes new traces, never a stale picture.
-NETWORK_CODE = ("accel.py", "checkpoints.py", "convert.py", "weight_casting.py", "tracing.py", "frozen.py")
+NETWORK_CODE = ("accel.py", "checkpoints.py", "convert.py", "weight_casting.py", "tracing.py", "frozen.py",
+                "text.py", "data/tokenizer/bpe_simple_vocab_16e6.txt.gz")
 
 
 def _code_digest() -> str:
@@ -124,12 +126,15 @@ class Traces:
             with contextlib.suppress(OSError):  # most recently used: kept when the folder is pruned
                 path.touch()
         # As TracedUNet runs them: without the profiling executor's re-optimizing first runs.
-        with torch.jit.optimized_execution(False):
-            return self.loaded[signature](*inputs)
+        try:
+            with torch.jit.optimized_execution(False):
+                return self.loaded[signature](*inputs)
+        except RuntimeError as error:  # a trace this torch loads but cannot run
+            raise FrozenMiss(f"the {self.kind} trace for {signature} failed ({error})") from None
 
 
 def trace_name(kind: str, signature: tuple) -> str:
-    return f"{kind}-{hashlib.sha256(repr(signature).encode()).hexdigest()[:16]}.pt"
+    return f"trace-{kind}-{hashlib.sha256(repr(signature).encode()).hexdigest()[:16]}.pt"
 
 
 class FrozenTextEncoder(torch.nn.Module):
@@ -204,30 +209,33 @@ class BundledTokenizer:
         return self.backend.token_to_id(token)
 
 
-def load_bundle(folder: Path) -> Model:
-    """The bundle as a Model for the Pipeline (`frozen=True`); FrozenMiss where it is incomplete."""
+def load_bundle(folder: Path, model: str | Path | None) -> Model:
+    """The bundle in `folder`, of the model files at `model`, as a Model for the Pipeline
+    (`frozen=True`); FrozenMiss where it is incomplete or damaged."""
+    path = Path(model or BUILTIN_MODEL)
     try:
         meta = json.loads((folder / META).read_text())
         with quiet_torchscript():
             norms = [torch.jit.load(str(folder / f"text-norm-{i}.pt"), map_location="cpu")
                      for i in range(len(meta["text_encoders"]))]
         specs = [(folder / f"tokenizer-{i}.json").read_text() for i in range(len(meta["tokenizers"]))]
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        loaded = Model(
+            family=meta["family"],
+            unet=FrozenUNet(Traces(folder, "unet"), getattr(torch, meta["unet_dtype"])),
+            vae=FrozenVAE(Traces(folder, "vae"), meta["vae_config"], getattr(torch, meta["vae_dtype"])),
+            text_encoders=[FrozenTextEncoder(Traces(folder, f"text{i}"), norm, layers)
+                           for i, (norm, layers) in enumerate(zip(norms, meta["text_encoders"], strict=True))],
+            tokenizers=[BundledTokenizer(spec, **ids) for spec, ids in zip(specs, meta["tokenizers"], strict=True)],
+            prediction_type=meta["prediction_type"],
+            alphas_cumprod=torch.tensor(meta["alphas_cumprod"], dtype=torch.float64),
+            default_size=meta["default_size"], hash=meta["hash"],
+            # as load_model names it: two copies of the same files share a bundle, not a name
+            name=path.stem if path.is_file() else path.name, path=path, frozen=True)
+    except Exception as error:  # noqa: BLE001  (whatever is wrong with a cache file means "use the full model")
         raise FrozenMiss(f"no usable bundle in {folder} ({error})") from None
     with contextlib.suppress(OSError):
         (folder / META).touch()  # most recently used: kept when bundles are pruned
-    dtype = getattr(torch, meta["dtype"])
-    return Model(
-        family=meta["family"],
-        unet=FrozenUNet(Traces(folder, "unet"), dtype),
-        vae=FrozenVAE(Traces(folder, "vae"), meta["vae_config"], dtype),
-        text_encoders=[FrozenTextEncoder(Traces(folder, f"text{i}"), norm, layers)
-                       for i, (norm, layers) in enumerate(zip(norms, meta["text_encoders"], strict=True))],
-        tokenizers=[BundledTokenizer(spec, **ids) for spec, ids in zip(specs, meta["tokenizers"], strict=True)],
-        prediction_type=meta["prediction_type"],
-        alphas_cumprod=torch.tensor(meta["alphas_cumprod"], dtype=torch.float64),
-        default_size=meta["default_size"], name=meta["name"], hash=meta["hash"],
-        path=Path(meta["path"]), frozen=True)
+    return loaded
 
 
 # ---------------------------------------------------------------- making a bundle
@@ -300,7 +308,10 @@ class _DecodeCall(torch.nn.Module):
 def _freeze(module: torch.nn.Module, inputs: tuple[Tensor, ...]) -> torch.jit.ScriptModule:
     with torch.inference_mode(False), torch.no_grad(), quiet_torchscript():
         examples = tuple(t.clone() for t in inputs)
-        return torch.jit.freeze(torch.jit.trace(module.eval(), examples, check_trace=False))
+        # optimize_numerics=False: no folding of convs with the adds and muls after them, which
+        # would change the last bits; the trace must compute what the network computes.
+        return torch.jit.freeze(torch.jit.trace(module.eval(), examples, check_trace=False),
+                                optimize_numerics=False)
 
 
 def save_bundle(pipe: Any, seen: Seen, folder: Path) -> None:
@@ -315,10 +326,17 @@ def save_bundle(pipe: Any, seen: Seen, folder: Path) -> None:
         if not path.exists():
             write_bytes_atomic(path, _archive(make()))
 
-    called = pipe.unet.unet  # the jit lever's TracedUNet has traced these shapes already
+    def unet_trace(inputs: tuple[Tensor, ...]) -> torch.jit.ScriptModule:
+        called = pipe.unet.unet  # the jit lever's TracedUNet has traced these shapes already
+        if isinstance(called, TracedUNet):
+            trace = called.trace_for(inputs)
+            if trace is None:
+                raise RuntimeError("the UNet could not be traced")
+            return trace
+        return trace_unet(model.unet, inputs)
+
     for signature, inputs in seen.unet.items():
-        save("unet", signature, lambda inputs=inputs: (called.trace_for(inputs) if isinstance(called, TracedUNet)
-                                                       else None) or trace_unet(model.unet, inputs))
+        save("unet", signature, lambda inputs=inputs: unet_trace(inputs))
     for signature, (z,) in seen.vae.items():
         save("vae", signature, lambda z=z: _freeze(_DecodeCall(model.vae), (z,)))
     for i, encoder in enumerate(model.text_encoders):
@@ -334,14 +352,15 @@ def save_bundle(pipe: Any, seen: Seen, folder: Path) -> None:
     meta = {
         "family": model.family, "prediction_type": model.prediction_type,
         "alphas_cumprod": model.alphas_cumprod.tolist(), "default_size": model.default_size,
-        "name": model.name, "hash": model.hash, "path": str(model.path),
-        "dtype": str(model.unet.dtype).removeprefix("torch."), "vae_config": vae_config,
+        "hash": model.hash, "vae_config": vae_config,
+        "unet_dtype": str(model.unet.dtype).removeprefix("torch."),
+        "vae_dtype": str(model.vae.dtype).removeprefix("torch."),
         "text_encoders": [e.config.num_hidden_layers for e in model.text_encoders],
         "tokenizers": [{"bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id,
                         "pad_token_id": t.pad_token_id} for t in model.tokenizers],
     }
     write_bytes_atomic(folder / META, json.dumps(meta).encode())
-    prune(folder, KEEP_TRACES)
+    prune(folder, KEEP_TRACES, "trace-*.pt")  # one file per network and shape; the rest is per model
     _prune_bundles(folder.parent, KEEP_BUNDLES)
 
 
@@ -353,9 +372,12 @@ def _archive(module: torch.jit.ScriptModule) -> bytes:
 
 
 def _prune_bundles(parent: Path, keep: int) -> None:
-    def last_used(folder: Path) -> float:
+    def last_used(folder: Path) -> float:  # a bundle still being written has no META yet
         meta = folder / META
-        return meta.stat().st_mtime if meta.exists() else 0.0
+        try:
+            return (meta if meta.exists() else folder).stat().st_mtime
+        except OSError:
+            return 0.0
 
     bundles = sorted((p for p in parent.iterdir() if p.is_dir()), key=last_used, reverse=True)
     for old in bundles[keep:]:
@@ -376,11 +398,10 @@ def generate_once(model: str | None, params: Any, *, vae: str | None = None, dev
     levers = levers or accel.Levers()
     folder = None
     if serves(params, vae=vae, device=device, levers=levers, init_image=init_image):
-        folder = bundle_folder(model, levers)
+        folder = bundle_folder(model, levers, allow_pickle)
         if folder is not None and (folder / META).exists():
             try:
-                pipe = Pipeline(load_bundle(folder), torch.device("cpu"), torch.float32, lora_dir, levers)
-                return pipe.generate(params, callback=callback)
+                return _generate_from_bundle(folder, model, params, lora_dir, levers, callback)
             except FrozenMiss as miss:
                 log.info("running the full model: %s", miss)
     pipe = Pipeline.load(model, vae=vae, device=device, allow_pickle=allow_pickle, lora_dir=lora_dir,
@@ -388,9 +409,21 @@ def generate_once(model: str | None, params: Any, *, vae: str | None = None, dev
     if folder is None or not accel.traces_unet(levers, pipe.model, pipe.device):
         return pipe.generate(params, callback=callback, init_image=init_image)
     with recording(pipe) as seen:
-        images = pipe.generate(params, callback=callback)
+        images = pipe.generate(params, callback=callback, init_image=init_image)
     try:
         save_bundle(pipe, seen, folder)
-    except (OSError, RuntimeError) as error:  # a read-only or full cache, an untraceable model: slower next time
+    except Exception as error:  # noqa: BLE001  (a read-only or full cache, an untraceable network: the
+        # images are made and must be saved; the next run is only slower)
         log.warning("could not save the model's traces in %s (%s)", folder, error)
     return images
+
+
+def _generate_from_bundle(folder: Path, model: str | Path | None, params: Any, lora_dir: str | None,
+                          levers: accel.Levers, callback: Callable | None) -> list:
+    from sfumato.latents import TILE_ABOVE_PIXELS
+    from sfumato.pipeline import Pipeline
+
+    loaded = load_bundle(folder, model)
+    if (params.width or loaded.default_size) * (params.height or loaded.default_size) > TILE_ABOVE_PIXELS:
+        raise FrozenMiss("an image decoded in tiles")  # before sampling, not after
+    return Pipeline(loaded, torch.device("cpu"), torch.float32, lora_dir, levers).generate(params, callback=callback)

@@ -314,9 +314,9 @@ def startup_phases(model: Path, out: Path, spawned: float) -> dict:
     from sfumato.pipeline import Pipeline
 
     lap("import_s")  # what the command imports before it reads a model
-    folder = frozen.bundle_folder(model, Levers())
-    if (folder / frozen.META).exists():
-        pipe = Pipeline(frozen.load_bundle(folder), torch.device("cpu"), torch.float32)
+    folder = frozen.bundle_folder(model, Levers())  # None for an SD-sized model: it has none
+    if folder is not None and (folder / frozen.META).exists():
+        pipe = Pipeline(frozen.load_bundle(folder, model), torch.device("cpu"), torch.float32)
     else:
         pipe = Pipeline.load(str(model))  # imports diffusers and transformers
     lap("load_s")

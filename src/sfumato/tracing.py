@@ -160,8 +160,8 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def prune(folder: Path, keep: int) -> None:
+def prune(folder: Path, keep: int, pattern: str = "*.pt") -> None:
     """Delete all but the `keep` most recently used traces."""
-    files = sorted(folder.glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    files = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in files[keep:]:
         old.unlink(missing_ok=True)
