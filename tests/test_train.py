@@ -88,7 +88,9 @@ def test_stage_outputs_load_and_report(full_runs: Path):
     clip = CLIPModel.from_pretrained(full_runs / "clip_full" / "clip")
     text = CLIPTextModel.from_pretrained(full_runs / "clip_full" / "text_encoder")
     assert torch.equal(text.get_input_embeddings().weight, clip.text_model.get_input_embeddings().weight)
-    assert 0 <= json.loads((full_runs / "clip_full" / "metrics.json").read_text())["retrieval_top1_train"] <= 1
+    metrics = json.loads((full_runs / "clip_full" / "metrics.json").read_text())
+    assert 0 <= metrics["retrieval_top1_train"] <= 1
+    assert 0 <= metrics["shape_swap_choice_train"] <= 1 and 0 <= metrics["colour_swap_choice_heldout"] <= 1
     unet = UNet2DConditionModel.from_pretrained(full_runs / "unet_full" / "unet")
     assert unet.config.cross_attention_dim == text.config.hidden_size
     # the shipped UNet weights are the EMA ones
@@ -413,3 +415,13 @@ def test_offset_noise_makes_each_images_channel_means_unreliable():
     assert plain_mean_std == pytest.approx(1 / 16, rel=0.1)
     assert offset_mean_std == pytest.approx((0.2**2 + 1 / 256) ** 0.5, rel=0.1)
     assert torch.equal(plain, torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+
+
+def test_clip_trains_with_hard_negatives(tmp_path):
+    recipe = tmp_path / "hard.toml"
+    recipe.write_text('base = "tiny_clip"\nhard_negatives = true\n')
+    result = CliRunner().invoke(train, ["clip", "--config", str(recipe), "--out", str(tmp_path / "run"),
+                                        "--device", "cpu", "--steps", "2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert np.isfinite(metrics["final_loss"]) and 0 <= metrics["shape_swap_choice_train"] <= 1

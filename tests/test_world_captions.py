@@ -85,3 +85,20 @@ def test_negated_attributes():
     assert kinds == {"shape": True, "color": False}
     assert all(check(Expectation(objects=(ObjectQuery("circle", "!blue"),)),
                      scene.objects, scene.background).values())
+
+
+def test_swap_word_swaps_the_first_word_of_its_kind_in_the_same_number():
+    import random
+
+    from sfumato.world.captions import swap_word
+    from sfumato.world.scenes import SHAPES
+
+    rng = random.Random(0)
+    swapped = swap_word("two red crosses above a blue star", SHAPES, rng)
+    first, rest = swapped.split(" above ")
+    assert rest == "a blue star" and first.startswith("two red ") and first.endswith("s")
+    assert first != "two red crosses" and first.removeprefix("two red ") not in ("cross", "crosss")
+    single = swap_word("a green star", SHAPES, rng)
+    assert single.startswith("a green ") and single.removeprefix("a green ") in SHAPES
+    assert single != "a green star"
+    assert swap_word("a plain blue background", SHAPES, rng) is None

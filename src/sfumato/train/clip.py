@@ -8,8 +8,10 @@ vision tower as (b, 3, 128, 128) in [-1, 1]; OUT/clip's preprocessor config says
 from __future__ import annotations
 
 import json
+import random
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sfumato.train.assemble import load_saved
@@ -28,6 +30,7 @@ from sfumato.train.common import (
 from sfumato.train.data import (
     EVAL_SEED_OFFSET,
     eval_captions,
+    hash_seed,
     load_tokenizer,
     pixels_to_model,
     random_captions,
@@ -35,6 +38,8 @@ from sfumato.train.data import (
     to_model_images,
     tokenize,
 )
+from sfumato.world.captions import swap_word
+from sfumato.world.scenes import COLORS, SHAPES
 
 BOS, EOS = 49406, 49407  # CLIP's <|startoftext|>, <|endoftext|> (also the SD1 pad token)
 
@@ -90,6 +95,27 @@ def retrieval_top1(clip, images: Tensor, input_ids: Tensor, group: int) -> float
     return hits / max(total, 1)
 
 
+def hard_negative(caption: str, rng: random.Random) -> str | None:
+    """The caption with a shape word swapped, else a colour word; None if it names neither."""
+    return swap_word(caption, SHAPES, rng) or swap_word(caption, tuple(COLORS), rng)
+
+
+@torch.no_grad()
+def swap_choice(clip, images: Tensor, captions: list[str], words, tokenizer) -> float:
+    """How often CLIP scores an image's caption above the same caption with one of `words` swapped
+    for another (0.5: it cannot tell them apart), over the captions that have such a word."""
+    rng = random.Random(0)
+    pairs = [(i, swapped) for i, c in enumerate(captions) if (swapped := swap_word(c, words, rng))]
+    if not pairs:
+        return float("nan")
+    rows = torch.tensor([i for i, _ in pairs])
+    ids = tokenize(tokenizer, [captions[i] for i, _ in pairs]).to(images.device)
+    wrong = tokenize(tokenizer, [c for _, c in pairs]).to(images.device)
+    right_sims = similarity(clip, images[rows], ids).diagonal()
+    wrong_sims = similarity(clip, images[rows], wrong).diagonal()
+    return (right_sims > wrong_sims).float().mean().item()
+
+
 def train_clip(run: Run) -> dict:
     r, data = run.recipe, run.recipe["data"]
     pool, scenes = render_pool(run.seed, data["train_scenes"], "train", data["size"], data.get("workers", 0))
@@ -99,24 +125,40 @@ def train_clip(run: Run) -> dict:
         load_saved(clip, run.init_from, "clip")
     t = make_trainable(run, clip)  # after loading: the EMA starts from those weights
 
+    hard_negatives = r.get("hard_negatives", False)
+
     def make_batch(step: int) -> dict:
         index = run.shard(run.numpy_rng(step).integers(0, len(pool), r["batch_size"]))
         captions = random_captions([scenes[i] for i in index], run.seed, step, run.accelerator.process_index)
-        return {"pixels": torch.from_numpy(pool[index]), "ids": tokenize(tokenizer, captions)}
+        batch = {"pixels": torch.from_numpy(pool[index]), "ids": tokenize(tokenizer, captions)}
+        if hard_negatives:
+            rng = random.Random(hash_seed(run.seed, step, run.accelerator.process_index, 1))
+            batch["hard_ids"] = tokenize(tokenizer, [hard_negative(c, rng) or captions[i - 1]
+                                                     for i, c in enumerate(captions)])
+        return batch
 
     def loss_fn(batch: dict, step: int) -> Tensor:
-        return t.module(input_ids=batch["ids"], pixel_values=pixels_to_model(batch["pixels"]), return_loss=True).loss
+        pixels = pixels_to_model(batch["pixels"])
+        if not hard_negatives:
+            return t.module(input_ids=batch["ids"], pixel_values=pixels, return_loss=True).loss
+        # Each image also against its own caption with a shape (else a colour) swapped: in-batch
+        # negatives alone are told apart by colour, and CLIP then never learns shapes (session 13).
+        logits = t.module(input_ids=torch.cat([batch["ids"], batch["hard_ids"]]), pixel_values=pixels).logits_per_image
+        targets = torch.arange(len(pixels), device=logits.device)
+        square = logits[:, : len(pixels)]
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(square.T, targets)) / 2
 
     evals = {}
     for split in ("train", "heldout"):  # unseen scenes; "heldout": unseen shape/colour pairs too
         eval_pool, eval_scenes = render_pool(run.seed + EVAL_SEED_OFFSET, data["eval_scenes"], split, data["size"])
-        evals[split] = (to_model_images(eval_pool, run.device),
-                        tokenize(tokenizer, eval_captions(eval_scenes, run.seed)).to(run.device))
+        captions = eval_captions(eval_scenes, run.seed)
+        evals[split] = (to_model_images(eval_pool, run.device), tokenize(tokenizer, captions).to(run.device),
+                        captions)
 
     def on_sample(step: int) -> None:
         # The similarity matrix of 16 held-out pairs as a picture: a bright diagonal is good.
         if run.is_main:
-            images, ids = evals["train"]
+            images, ids, _ = evals["train"]
             with ema_weights(run, t) as module:
                 sims = similarity(module.eval(), images[:16], ids[:16]).float()
                 module.train()
@@ -132,8 +174,11 @@ def train_clip(run: Run) -> dict:
                    "text_encoder_params": param_count(clip.text_model), **loss_summary(run, t),
                    "retrieval_candidates": group, "chance": round(1 / group, 4),
                    "logit_scale": float(clip.logit_scale.detach().exp())}
-        for split, (images, ids) in evals.items():
+        for split, (images, ids, captions) in evals.items():
             metrics[f"retrieval_top1_{split}"] = round(retrieval_top1(clip, images, ids, group), 4)
+            for kind, words in (("shape", SHAPES), ("colour", tuple(COLORS))):
+                metrics[f"{kind}_swap_choice_{split}"] = round(
+                    swap_choice(clip, images, captions, words, tokenizer), 4)
         if run.is_main:
             save_clip(clip, run)
         clip.train()

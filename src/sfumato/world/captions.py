@@ -266,3 +266,18 @@ def full_expectation(scene: Scene) -> Expectation:
     queries = tuple(ObjectQuery(shape, color, pattern, size, count)
                     for (shape, color, pattern, size), count in groups.items())
     return Expectation(scene.background, queries)
+
+
+def swap_word(caption: str, words: Sequence[str], rng: random.Random) -> str | None:
+    """The caption with its first word of `words` (singular or plural, a whole word: "cross" not in
+    "crosses") replaced by another of them in the same number; None if it has none. A caption that
+    now says something false of its scene: a hard negative for CLIP, a probe for the UNet."""
+    forms = {w: w for w in words} | {PLURALS.get(w, w + "s"): w for w in words}
+    match = re.search(r"\b(" + "|".join(sorted(forms, key=len, reverse=True)) + r")\b", caption)
+    if match is None:
+        return None
+    word = forms[match[1]]
+    other = rng.choice([w for w in words if w != word])
+    if match[1] != word:  # plural
+        other = PLURALS.get(other, other + "s")
+    return caption[: match.start()] + other + caption[match.end():]
