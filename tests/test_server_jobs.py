@@ -53,7 +53,9 @@ def test_quota_is_reserved_and_unmade_images_are_given_back(tmp_path):
 
 def test_sigkill_mid_queue_loses_nothing_and_duplicates_nothing(tmp_path):
     outputs = tmp_path / "out"
-    server = ServerProcess(outputs, "--fake-step-seconds", "0.03")
+    # 1 s per image: the window in which job 2 has exactly 2 of its 4 images outlasts a slow poll on
+    # a loaded machine (at 0.3 s per image a CI run beside a training job missed it)
+    server = ServerProcess(outputs, "--fake-step-seconds", "0.1")
     body = {"prompt": "x", "steps": 10, "width": 64, "height": 64, "batch_size": 2, "n_iter": 2}
     ids = [httpx.post(server.url + "/api/jobs", json={**body, "seed": 100 * i}).json()["id"]
            for i in range(6)]
