@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from sfumato.checkpoints import BUILTIN_MODEL
 from sfumato.train.assemble import load_clip
-from sfumato.train.clip import similarity
+from sfumato.train.clip import swap_choice
 from sfumato.train.data import (
     EVAL_SEED_OFFSET,
     eval_captions,
@@ -105,12 +105,9 @@ def main() -> None:
         print(f"{kind} word swapped ({int(keep.sum())} captions): text states move {shift:.0%}; object x0 "
               f"error right / swapped at t = 400 {errors[0]:.4f} / {errors[1]:.4f}, t = 600 {errors[2]:.4f} / {errors[3]:.4f}")
         if clip is not None:
-            right_ids = tokenize(tokenizer, [c for c, k in zip(captions, keep, strict=True) if k])
-            wrong_ids = tokenize(tokenizer, [c for c in swapped if c is not None])
-            right = similarity(clip, images[keep], right_ids).diagonal()
-            wrong = similarity(clip, images[keep], wrong_ids).diagonal()
-            print(f"  CLIP itself prefers the right caption to the swapped one for {(right > wrong).float().mean():.0%} "
-                  "of the images (50 %: it cannot tell them apart)")
+            print(f"  CLIP itself prefers the right caption to a swapped one for "
+                  f"{swap_choice(clip, images, captions, words, tokenizer):.0%} of the images (50 %: it cannot "
+                  "tell them apart)")
 
 
 if __name__ == "__main__":

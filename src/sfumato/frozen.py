@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
-import io
 import json
 import logging
 import shutil
@@ -37,7 +36,15 @@ from sfumato import accel
 from sfumato.checkpoints import BUILTIN_MODEL, Model, cache_folder, sha256_file
 from sfumato.files import write_bytes_atomic
 from sfumato.prompt import extract_lora_tags
-from sfumato.tracing import TracedUNet, input_signature, prune, quiet_torchscript, trace_unet
+from sfumato.tracing import (
+    TracedUNet,
+    freeze_trace,
+    input_signature,
+    load_trace,
+    prune,
+    save_trace,
+    trace_unet,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +124,10 @@ class Traces:
     def __call__(self, *inputs: Tensor) -> Any:
         signature = input_signature(inputs)
         if signature not in self.loaded:
-            path = self.folder / trace_name(self.kind, signature)
             try:
-                with quiet_torchscript():
-                    self.loaded[signature] = torch.jit.load(str(path), map_location="cpu")
+                self.loaded[signature] = load_trace(self.folder / trace_name(self.kind, signature))
             except (RuntimeError, OSError, ValueError) as error:  # absent, damaged, or another torch's
                 raise FrozenMiss(f"no usable {self.kind} trace for {signature} ({error})") from None
-            with contextlib.suppress(OSError):  # most recently used: kept when the folder is pruned
-                path.touch()
         # As TracedUNet runs them: without the profiling executor's re-optimizing first runs.
         try:
             with torch.jit.optimized_execution(False):
@@ -215,9 +218,7 @@ def load_bundle(folder: Path, model: str | Path | None) -> Model:
     path = Path(model or BUILTIN_MODEL)
     try:
         meta = json.loads((folder / META).read_text())
-        with quiet_torchscript():
-            norms = [torch.jit.load(str(folder / f"text-norm-{i}.pt"), map_location="cpu")
-                     for i in range(len(meta["text_encoders"]))]
+        norms = [load_trace(folder / f"text-norm-{i}.pt") for i in range(len(meta["text_encoders"]))]
         specs = [(folder / f"tokenizer-{i}.json").read_text() for i in range(len(meta["tokenizers"]))]
         loaded = Model(
             family=meta["family"],
@@ -305,15 +306,6 @@ class _DecodeCall(torch.nn.Module):
         return self.vae.decode(z, return_dict=False)[0]
 
 
-def _freeze(module: torch.nn.Module, inputs: tuple[Tensor, ...]) -> torch.jit.ScriptModule:
-    with torch.inference_mode(False), torch.no_grad(), quiet_torchscript():
-        examples = tuple(t.clone() for t in inputs)
-        # optimize_numerics=False: no folding of convs with the adds and muls after them, which
-        # would change the last bits; the trace must compute what the network computes.
-        return torch.jit.freeze(torch.jit.trace(module.eval(), examples, check_trace=False),
-                                optimize_numerics=False)
-
-
 def save_bundle(pipe: Any, seen: Seen, folder: Path) -> None:
     """Add the traces of what `seen` saw to the bundle in `folder` (created if new)."""
     model = pipe.model
@@ -324,7 +316,7 @@ def save_bundle(pipe: Any, seen: Seen, folder: Path) -> None:
     def save(kind: str, signature: tuple, make: Callable[[], torch.jit.ScriptModule]) -> None:
         path = folder / trace_name(kind, signature)
         if not path.exists():
-            write_bytes_atomic(path, _archive(make()))
+            save_trace(path, make())
 
     def unet_trace(inputs: tuple[Tensor, ...]) -> torch.jit.ScriptModule:
         called = pipe.unet.unet  # the jit lever's TracedUNet has traced these shapes already
@@ -338,15 +330,17 @@ def save_bundle(pipe: Any, seen: Seen, folder: Path) -> None:
     for signature, inputs in seen.unet.items():
         save("unet", signature, lambda inputs=inputs: unet_trace(inputs))
     for signature, (z,) in seen.vae.items():
-        save("vae", signature, lambda z=z: _freeze(_DecodeCall(model.vae), (z,)))
+        save("vae", signature, lambda z=z: freeze_trace(_DecodeCall(model.vae), (z,), optimize_numerics=False))
     for i, encoder in enumerate(model.text_encoders):
         for signature, inputs in seen.text[i].items():
-            save(f"text{i}", signature, lambda e=encoder, inputs=inputs: _freeze(_TextCall(e), inputs))
+            save(f"text{i}", signature, lambda e=encoder, inputs=inputs: freeze_trace(_TextCall(e), inputs, optimize_numerics=False))
         norm = folder / f"text-norm-{i}.pt"
         if not norm.exists():
-            write_bytes_atomic(norm, _archive(torch.jit.script(_final_layer_norm(encoder))))
+            save_trace(norm, torch.jit.script(_final_layer_norm(encoder)))
     for i, tokenizer in enumerate(model.tokenizers):
-        write_bytes_atomic(folder / f"tokenizer-{i}.json", tokenizer.backend_tokenizer.to_str().encode())
+        spec = folder / f"tokenizer-{i}.json"
+        if not spec.exists():  # per model, like the norms: 1.6 MB not written again for each new shape
+            write_bytes_atomic(spec, tokenizer.backend_tokenizer.to_str().encode())
     vae_config = {name: getattr(model.vae.config, name, None)
                   for name in ("block_out_channels", "latent_channels", "scaling_factor", "shift_factor")}
     meta = {
@@ -362,13 +356,6 @@ def save_bundle(pipe: Any, seen: Seen, folder: Path) -> None:
     write_bytes_atomic(folder / META, json.dumps(meta).encode())
     prune(folder, KEEP_TRACES, "trace-*.pt")  # one file per network and shape; the rest is per model
     _prune_bundles(folder.parent, KEEP_BUNDLES)
-
-
-def _archive(module: torch.jit.ScriptModule) -> bytes:
-    buffer = io.BytesIO()
-    with quiet_torchscript():
-        torch.jit.save(module, buffer)
-    return buffer.getvalue()
 
 
 def _prune_bundles(parent: Path, keep: int) -> None:
@@ -421,9 +408,17 @@ def generate_once(model: str | None, params: Any, *, vae: str | None = None, dev
 def _generate_from_bundle(folder: Path, model: str | Path | None, params: Any, lora_dir: str | None,
                           levers: accel.Levers, callback: Callable | None) -> list:
     from sfumato.latents import TILE_ABOVE_PIXELS
+
+    pipe = bundle_pipeline(folder, model, lora_dir, levers)
+    size = pipe.model.default_size
+    if (params.width or size) * (params.height or size) > TILE_ABOVE_PIXELS:
+        raise FrozenMiss("an image decoded in tiles")  # before sampling, not after
+    return pipe.generate(params, callback=callback)
+
+
+def bundle_pipeline(folder: Path, model: str | Path | None, lora_dir: str | None = None,
+                    levers: accel.Levers | None = None) -> Any:
+    """A Pipeline on the bundle in `folder` (FrozenMiss where it is unusable)."""
     from sfumato.pipeline import Pipeline
 
-    loaded = load_bundle(folder, model)
-    if (params.width or loaded.default_size) * (params.height or loaded.default_size) > TILE_ABOVE_PIXELS:
-        raise FrozenMiss("an image decoded in tiles")  # before sampling, not after
-    return Pipeline(loaded, torch.device("cpu"), torch.float32, lora_dir, levers).generate(params, callback=callback)
+    return Pipeline(load_bundle(folder, model), torch.device("cpu"), torch.float32, lora_dir, levers)

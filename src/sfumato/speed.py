@@ -304,7 +304,6 @@ def startup_phases(model: Path, out: Path, spawned: float) -> dict:
         nonlocal clock
         phases[name], clock = time.perf_counter() - clock, time.perf_counter()
 
-    import torch
     from tqdm import tqdm  # noqa: F401
 
     import sfumato.commands  # noqa: F401
@@ -316,7 +315,7 @@ def startup_phases(model: Path, out: Path, spawned: float) -> dict:
     lap("import_s")  # what the command imports before it reads a model
     folder = frozen.bundle_folder(model, Levers())  # None for an SD-sized model: it has none
     if folder is not None and (folder / frozen.META).exists():
-        pipe = Pipeline(frozen.load_bundle(folder, model), torch.device("cpu"), torch.float32)
+        pipe = frozen.bundle_pipeline(folder, model)
     else:
         pipe = Pipeline.load(str(model))  # imports diffusers and transformers
     lap("load_s")

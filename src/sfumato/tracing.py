@@ -80,11 +80,7 @@ class TracedUNet(torch.nn.Module):
         path = self.cache_dir / f"{self._cache_key(shape)}.pt"
         if path.exists():
             try:
-                with quiet_torchscript():
-                    trace = torch.jit.load(str(path), map_location=inputs[0].device)
-                with contextlib.suppress(OSError):  # most recently used: kept when the folder is pruned
-                    path.touch()
-                return trace
+                return load_trace(path, inputs[0].device)
             except (RuntimeError, OSError) as error:  # a damaged file, or another torch: trace again
                 log.warning("ignoring the cached UNet trace %s (%s)", path.name, error)
         try:
@@ -93,10 +89,7 @@ class TracedUNet(torch.nn.Module):
             log.warning("the jit lever could not trace this UNet (%s); running it eagerly", error)
             return None
         try:
-            buffer = io.BytesIO()
-            with quiet_torchscript():
-                torch.jit.save(trace, buffer)
-            write_bytes_atomic(path, buffer.getvalue())
+            save_trace(path, trace)
             prune(self.cache_dir, KEEP_TRACES)
         except OSError as error:  # a read-only or full cache: this process still has the trace
             log.warning("could not save the UNet trace in %s (%s)", self.cache_dir, error)
@@ -130,15 +123,39 @@ def trace_unet(unet: torch.nn.Module, inputs: tuple[Tensor, ...]) -> torch.jit.S
         def forward(self, sample: Tensor, timestep: Tensor, context: Tensor) -> Tensor:
             return self.unet(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
 
+    return freeze_trace(PlainCall(unet), inputs)
+
+
+def freeze_trace(module: torch.nn.Module, inputs: tuple[Tensor, ...], *,
+                 optimize_numerics: bool = True) -> torch.jit.ScriptModule:
+    """A frozen trace of module(*inputs), for inputs of these shapes. optimize_numerics=False keeps
+    convs unfolded with the adds and muls after them, which would change the last bits."""
     # Inputs made under inference_mode cannot be traced through; plain copies can.
     with torch.inference_mode(False), torch.no_grad(), quiet_torchscript():
         examples = tuple(t.clone() for t in inputs)
-        was_training = unet.training
+        modes = {m: m.training for m in module.modules()}  # a wrapper's mode is not its network's
         try:
-            trace = torch.jit.trace(PlainCall(unet).eval(), examples, check_trace=False)
-            return torch.jit.freeze(trace)
+            trace = torch.jit.trace(module.eval(), examples, check_trace=False)
+            return torch.jit.freeze(trace, optimize_numerics=optimize_numerics)
         finally:
-            unet.train(was_training)
+            for m, training in modes.items():
+                m.training = training
+
+
+def load_trace(path: Path, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
+    """A saved trace; marked most recently used, so that pruning its folder keeps it."""
+    with quiet_torchscript():
+        trace = torch.jit.load(str(path), map_location=device)
+    with contextlib.suppress(OSError):
+        path.touch()
+    return trace
+
+
+def save_trace(path: Path, trace: torch.jit.ScriptModule) -> None:
+    buffer = io.BytesIO()
+    with quiet_torchscript():
+        torch.jit.save(trace, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 @contextlib.contextmanager
