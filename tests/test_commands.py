@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -21,6 +24,26 @@ def test_generate_writes_pngs_with_parameters(tiny_model_dir, tmp_path):
     chunks = read_png_text(files[1])
     assert "Seed: 10" in chunks["parameters"] and "Negative prompt: blue" in chunks["parameters"]
     assert json.loads(chunks["sfumato"])["seed"] == 10
+
+
+def test_the_command_line_ends_early_with_everything_written(tiny_model_dir, tmp_path):
+    # the real entry point (cli.main) skips the interpreter's teardown: the images, the model's
+    # traces (a first run writes them) and the exit handlers must all be done before it leaves
+    code = ("import atexit, pathlib\n"
+            f"atexit.register(pathlib.Path({str(tmp_path / 'handler-ran')!r}).touch)\n"
+            "from sfumato.cli import main\n"
+            "main()\n")
+    args = ["generate", "a red star", "--model", str(tiny_model_dir), "--seed", "3", "--steps", "2",
+            "--batch", "2", "--out", str(tmp_path / "out")]
+    env = {**os.environ, "SFUMATO_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert [line.split()[-1] for line in done.stdout.splitlines()] == ["seed=3", "seed=4"]
+    for line in done.stdout.splitlines():
+        assert "Seed: " in read_png_text(line.split()[0])["parameters"]
+    assert list((tmp_path / "cache" / "frozen").glob("*/model.json"))
+    assert (tmp_path / "handler-ran").exists()
 
 
 @pytest.mark.parametrize("levers", [[], ["--lever", "deepcache"]])

@@ -46,7 +46,9 @@ def cli() -> None:
 
 
 def main() -> None:
-    cli()
+    # Only the real command line may end its process early (commands.quick_exit); a CliRunner in
+    # the tests, or any other caller of `cli`, gets no such object.
+    cli(obj={"quick_exit": True})
 
 
 if __name__ == "__main__":  # python -m sfumato.cli
