@@ -132,7 +132,7 @@ def generate(ctx: click.Context, prompt: str | None, model, vae, loras, lora_dir
 def quick_exit(ctx: click.Context) -> None:
     """End a finished command's process now: run the exit handlers (logging's flush among them),
     then leave without the interpreter's teardown. That teardown frees torch's modules and
-    libraries one by one, 0.5-1.3 s on the 2-core CPU here: a quarter of a whole built-in
+    libraries one by one, 0.5-1.3 s on the 2-core CPU here: up to a fifth of a whole built-in
     `sfumato generate`, spent on a process about to end. Every image is written and closed by then
     (atomically, files.py). Only the real command line does this (cli.main), not a CliRunner."""
     if not (ctx.find_root().obj or {}).get("quick_exit"):
