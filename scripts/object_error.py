@@ -40,12 +40,9 @@ from sfumato.train.data import (
 )
 from sfumato.train.unet import encode_latents
 from sfumato.train.vae import object_weights, row_backgrounds
-from sfumato.world.captions import swap_word
-from sfumato.world.scenes import COLORS, SHAPES
+from sfumato.world.captions import SWAP_KINDS, swap_word
 
 TIMESTEPS = (100, 250, 400, 600, 800)
-# A word of each kind, singular or plural, as a whole word ("cross" not inside "crosses").
-WORD_KINDS = {"shape": SHAPES, "colour": tuple(COLORS)}
 
 
 @torch.inference_mode()
@@ -89,8 +86,9 @@ def main() -> None:
     print(f"t = 950, x0 error with the right caption {right:.3f}, an empty one {none:.3f}, "
           f"another scene's {wrong:.3f}")
     captions = eval_captions(scenes, 7)
-    clip = load_clip(args.model or BUILTIN_MODEL) if (Path(args.model or BUILTIN_MODEL) / "clip").is_dir() else None
-    for kind, words in WORD_KINDS.items():
+    folder = Path(args.model or BUILTIN_MODEL)
+    clip = load_clip(folder) if (folder / "clip").is_dir() else None
+    for kind, words in SWAP_KINDS.items():
         rng = random.Random(kind)
         swapped = [swap_word(c, words, rng) for c in captions]
         keep = torch.tensor([c is not None for c in swapped])

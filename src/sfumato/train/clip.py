@@ -38,8 +38,7 @@ from sfumato.train.data import (
     to_model_images,
     tokenize,
 )
-from sfumato.world.captions import swap_word
-from sfumato.world.scenes import COLORS, SHAPES
+from sfumato.world.captions import SWAP_KINDS, swap_word
 
 BOS, EOS = 49406, 49407  # CLIP's <|startoftext|>, <|endoftext|> (also the SD1 pad token)
 
@@ -97,7 +96,7 @@ def retrieval_top1(clip, images: Tensor, input_ids: Tensor, group: int) -> float
 
 def hard_negative(caption: str, rng: random.Random) -> str | None:
     """The caption with a shape word swapped, else a colour word; None if it names neither."""
-    return swap_word(caption, SHAPES, rng) or swap_word(caption, tuple(COLORS), rng)
+    return swap_word(caption, SWAP_KINDS["shape"], rng) or swap_word(caption, SWAP_KINDS["colour"], rng)
 
 
 @torch.no_grad()
@@ -176,7 +175,7 @@ def train_clip(run: Run) -> dict:
                    "logit_scale": float(clip.logit_scale.detach().exp())}
         for split, (images, ids, captions) in evals.items():
             metrics[f"retrieval_top1_{split}"] = round(retrieval_top1(clip, images, ids, group), 4)
-            for kind, words in (("shape", SHAPES), ("colour", tuple(COLORS))):
+            for kind, words in SWAP_KINDS.items():
                 metrics[f"{kind}_swap_choice_{split}"] = round(
                     swap_choice(clip, images, captions, words, tokenizer), 4)
         if run.is_main:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from sfumato.world.scenes import COLORS, ObjectSpec, Scene, as_random, relation_holds
+from sfumato.world.scenes import COLORS, SHAPES, ObjectSpec, Scene, as_random, relation_holds
 
 NOT = "!"  # prefix of a negated attribute value: color="!red" means "not red"
 
@@ -266,6 +266,10 @@ def full_expectation(scene: Scene) -> Expectation:
     queries = tuple(ObjectQuery(shape, color, pattern, size, count)
                     for (shape, color, pattern, size), count in groups.items())
     return Expectation(scene.background, queries)
+
+
+# The words swap_word swaps, by kind: a caption's shape or colour swapped makes it false of its scene.
+SWAP_KINDS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "colour": tuple(COLORS)}
 
 
 def swap_word(caption: str, words: Sequence[str], rng: random.Random) -> str | None:
