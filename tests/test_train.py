@@ -269,13 +269,23 @@ def test_latent_noise_perturbs_the_decoders_input_in_scaled_units():
     assert float(stds.max()) > 1.0  # not a fixed small std: the seeded draws reach past half the range
 
 
-def test_latent_noise_needs_a_decoder_only_run(tmp_path: Path):
-    recipe = (Path(__file__).parents[1] / "src/sfumato/configs/train/tiny_vae.toml").read_text()
-    config = tmp_path / "noisy.toml"
-    config.write_text(recipe.replace("[loss]", "[loss]\nlatent_noise = 0.2"))
-    with pytest.raises(SfumatoError, match="latent_noise needs train_encoder = false"):
-        CliRunner().invoke(train, ["vae", "--config", str(config), "--out", str(tmp_path / "out"),
-                                   "--device", "cpu", "--steps", "1"], catch_exceptions=False)
+def test_latent_noise_with_a_training_encoder_is_relative_to_the_latents_std():
+    from sfumato.train.vae import VAEWithPosterior, build_vae
+
+    vae = build_vae(load_recipe("tiny_vae", gpu=False)["model"]).eval()
+    decoded = []
+    vae.post_quant_conv.register_forward_pre_hook(lambda module, args: decoded.append(args[0].clone()))
+    images = torch.rand(8, 3, 32, 32) * 2 - 1
+    ratios = []
+    for gain in (1.0, 10.0):  # an encoder that inflates its latents gets proportionally more noise
+        with torch.no_grad():
+            vae.quant_conv.weight.mul_(gain)
+            vae.quant_conv.bias.mul_(gain)
+            VAEWithPosterior(vae, 0.0)(images, torch.Generator().manual_seed(0))
+            VAEWithPosterior(vae, 1.0, relative=True)(images, torch.Generator().manual_seed(0))
+        exact, noisy = decoded[-2:]
+        ratios.append(float((noisy - exact).std() / exact.std()))
+    assert 0.2 < ratios[0] < 1.0 and abs(ratios[1] - ratios[0]) < 0.05 * ratios[0]
 
 
 def test_unknown_recipe_is_a_user_error():

@@ -58,24 +58,33 @@ def crops(pool: np.ndarray, index: np.ndarray, corners: np.ndarray, crop: int) -
 class VAEWithPosterior(torch.nn.Module):
     """encode -> sample -> decode in forward(), so DDP syncs gradients of the whole VAE.
 
-    latent_noise > 0 (decoder-only runs): each image's latent gets Gaussian noise of a std drawn
-    uniformly from [0, latent_noise], in units of the scaled latents the UNet works in. With a KL
-    weight of 1e-6 the posterior is nearly a point (std ~0.02 scaled), so a plain decoder only ever
-    sees exact latents; then a latent error of 0.2, small next to a sampler's, decodes as a lattice
-    of dots and stripes. Trained on perturbed latents, the decoder learns to draw what they mean."""
+    latent_noise > 0: each image's latent gets Gaussian noise of a std drawn uniformly from
+    [0, latent_noise], in units of the scaled latents the UNet works in. With a KL weight of 1e-6
+    the posterior is nearly a point (std ~0.02 scaled), so a plain decoder only ever sees exact
+    latents; then a latent error of 0.2, small next to a sampler's, decodes as a lattice of dots
+    and stripes. Trained on perturbed latents, the decoder learns to draw what they mean.
 
-    def __init__(self, vae, latent_noise: float = 0.0):
+    A decoder-only run knows its scale (the kept encoder's). When the encoder trains too, the scale
+    is not known until the end, and noise of a fixed size would only teach the encoder to inflate
+    its latents past it; so the unit is then the batch's own latent std (detached: what the scaling
+    factor will normalise to). Then two scenes whose latents differ by less than the noise decode
+    alike, which pushes the encoder to set apart by a margin what the decoder must tell apart (a
+    star from a blob), and that margin is what the UNet's loss sees."""
+
+    def __init__(self, vae, latent_noise: float = 0.0, relative: bool = False):
         super().__init__()
         self.vae = vae
         self.latent_noise = latent_noise
+        self.relative = relative
 
     def forward(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         posterior = self.vae.encode(images).latent_dist
         z = posterior.sample(generator)
         if self.latent_noise:
+            unit = z.detach().float().std() if self.relative else 1 / self.vae.config.scaling_factor
             std = torch.rand(len(z), 1, 1, 1, generator=generator, device=z.device) * self.latent_noise
             noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-            z = z + std * noise / self.vae.config.scaling_factor
+            z = z + std * noise * unit
         recon = self.vae.decode(z).sample
         return recon, posterior.kl().mean()
 
@@ -146,13 +155,11 @@ def train_vae(run: Run) -> dict:
         load_saved(vae, run.init_from, "vae")
     train_encoder = r.get("train_encoder", True)
     latent_noise = r["loss"].get("latent_noise", 0.0)
-    if latent_noise and train_encoder:  # the encoder would just scale its latents up past the noise
-        raise SfumatoError("loss.latent_noise needs train_encoder = false (a decoder-only run)")
     if not train_encoder:
         vae.register_to_config(scaling_factor=kept_latent_scale(run))
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
-    t = make_trainable(run, VAEWithPosterior(vae, latent_noise))  # after loading: the EMA starts from those weights
+    t = make_trainable(run, VAEWithPosterior(vae, latent_noise, relative=train_encoder))  # after loading: the EMA starts from those weights
     loss_cfg = r["loss"]
 
     def make_batch(step: int) -> dict:
