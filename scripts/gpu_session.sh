@@ -6,6 +6,11 @@
 # Next (model card, session 10): unet_budget, 64 channels at 16x16 within the size budget, from scratch,
 # on a CLIP trained in the same call (session 5's GPU CLIP was never committed, and is gone):
 #   VAE_FROM=src/sfumato/models/builtin CLIP_MIN=2 UNETS="unet_budget" UNET_MIN=6.5 OUT=folder bash scripts/gpu_session.sh
+# Next (model card, session 15): a VAE whose round trip keeps the shapes, trained with its encoder on whole
+# images, then CLIP (on a GPU its recipe has the shape-swapped hard negatives) and unet_budget on both
+# (VAE_MIN=3: ~500k images on an H100, at the decoder's measured rate):
+#   VAE_RECIPE=vae_robust VAE_MIN=3 CLIP_MIN=2 UNETS="unet_budget" UNET_MIN=4 \
+#     OUT=folder bash scripts/gpu_session.sh
 # Session 7 trained UNets only, on a given VAE and CLIP (model card):
 #   VAE_FROM=src/sfumato/models/builtin CLIP_FROM=MODEL UNETS="unet_wide unet_wide_zero_snr" UNET_MIN=7 \
 #     OUT=folder bash scripts/gpu_session.sh
@@ -36,7 +41,7 @@ tr '\r' '\n' <"$OUT/train.log" | grep -v '^\s*$' | grep -v '%|' | tail -40
 # The model, and each stage's metrics and last sample grid: what the model card and a review need.
 files=()
 for model in "$RUN"/builtin "$RUN"/builtin-*; do [[ -d $model ]] && files+=("${model#"$RUN"/}"); done
-for stage in vae vae_decoder clip $UNETS; do
+for stage in $(printf '%s\n' vae vae_decoder ${VAE_RECIPE:-} clip ${CLIP_RECIPE:-} $UNETS | awk '!seen[$0]++'); do
   [[ -f "$RUN/$stage/metrics.json" ]] && files+=("$stage/metrics.json")
   last=$(cd "$RUN" && ls "$stage"/samples/*.png 2>/dev/null | tail -1)
   [[ -n "$last" ]] && files+=("$last")

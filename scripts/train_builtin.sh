@@ -14,6 +14,9 @@
 #      UNETS (UNet recipes to train, default "unet"; e.g. "unet unet_zero_snr" trains both on the same VAE
 #      and CLIP: the first is assembled into OUTDIR/builtin, each other one into OUTDIR/builtin-NAME).
 #      VAE_FROM / CLIP_FROM (a model folder): train the UNets on its VAE / CLIP instead of training those stages.
+#      VAE_RECIPE (default "vae", then the vae_decoder stage): "vae_robust" trains both halves on whole
+#      images with relative latent noise in one stage (no decoder stage). CLIP_RECIPE (default "clip"):
+#      e.g. "clip_shapes" (hard negatives: the caption with its shape word swapped).
 #      PARALLEL (1 by default with --gpu): stages that do not depend on each other run at once (VAE beside
 #      CLIP, the UNets beside each other): these small models leave most of a GPU idle.
 set -euo pipefail
@@ -71,13 +74,20 @@ together() {  # together "STAGE CALLS" ...: all at once with PARALLEL=1, else on
   return $failed
 }
 
-ENCODER=${VAE_FROM:-$OUT/vae} DECODER=${VAE_FROM:-$OUT/vae_decoder} CLIP=${CLIP_FROM:-$OUT/clip}
+VAE_RECIPE=${VAE_RECIPE:-vae} CLIP_RECIPE=${CLIP_RECIPE:-clip}
+if [[ $VAE_RECIPE == vae ]]; then ENCODER=${VAE_FROM:-$OUT/vae} DECODER=${VAE_FROM:-$OUT/vae_decoder}
+else ENCODER=${VAE_FROM:-$OUT/$VAE_RECIPE} DECODER=$ENCODER; fi
+CLIP=${CLIP_FROM:-$OUT/$CLIP_RECIPE}
 unet_stage() { stage "$1" unet "$UNET_MIN" "${INIT_FROM:-}" --vae "$ENCODER" --clip "$CLIP"; }
 
 TOTAL_START=$(date +%s)
 first_stages=()  # vae_decoder: whole images, encoder kept
-[[ -n ${VAE_FROM:-} ]] || first_stages+=("stage vae vae $VAE_MIN '${INIT_FROM:-}'; stage vae_decoder vae $DECODER_MIN '$OUT/vae'")
-[[ -n ${CLIP_FROM:-} ]] || first_stages+=("stage clip clip $CLIP_MIN '${INIT_FROM:-}'")
+if [[ -z ${VAE_FROM:-} && $VAE_RECIPE == vae ]]; then
+  first_stages+=("stage vae vae $VAE_MIN '${INIT_FROM:-}'; stage vae_decoder vae $DECODER_MIN '$OUT/vae'")
+elif [[ -z ${VAE_FROM:-} ]]; then
+  first_stages+=("stage $VAE_RECIPE vae $VAE_MIN '${INIT_FROM:-}'")
+fi
+[[ -n ${CLIP_FROM:-} ]] || first_stages+=("stage $CLIP_RECIPE clip $CLIP_MIN '${INIT_FROM:-}'")
 (( ${#first_stages[@]} == 0 )) || together "${first_stages[@]}"
 unet_calls=()
 for name in $UNETS; do unet_calls+=("unet_stage $name"); done
