@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-import sfumato  # isort: skip  (before torch: it makes idle OpenMP threads sleep, read at torch's import)
+import sfumato  # noqa: F401  # isort: skip  (before torch: it makes idle OpenMP threads sleep, read at torch's import)
 import torch
 
+from sfumato.checkpoints import BUILTIN_MODEL
 from sfumato.train.common import stage_folder
-from sfumato.train.data import to_model_images
+from sfumato.train.unet import encode_latents
 from sfumato.world import render, sample_scenes
 from sfumato.world.scenes import COLORS, SHAPES
 
@@ -36,7 +37,7 @@ BASE_SHAPES = SHAPES[:8]  # the eight every split trains on
 def load_vae(path: str | None):
     from diffusers import AutoencoderKL
 
-    folder = stage_folder(Path(path), "vae") if path else Path(sfumato.__file__).parent / "models/builtin/vae"
+    folder = stage_folder(Path(path or BUILTIN_MODEL), "vae")
     return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval()
 
 
@@ -50,9 +51,9 @@ def variants(scene, rng: random.Random) -> dict[str, object]:
 
 
 @torch.inference_mode()
-def latents(vae, images: np.ndarray) -> torch.Tensor:
-    z = vae.encode(to_model_images(images, torch.device("cpu"))).latent_dist.mean
-    return z * vae.config.scaling_factor
+def scaled_latents(vae, renders: np.ndarray) -> torch.Tensor:
+    """Posterior means of (n, H, W, 3) uint8 renders, scaled as the UNet sees them."""
+    return encode_latents(vae, renders, torch.device("cpu"), batch=50)[0] * vae.config.scaling_factor
 
 
 def main() -> None:
@@ -65,19 +66,20 @@ def main() -> None:
     scenes = sample_scenes(SEED, args.scenes, "train")
     rng = random.Random(SEED)
     swapped = [variants(scene, rng) for scene in scenes]
-    pixels = np.stack([render(scene, size) for scene in scenes]).astype(np.float32) / 255
-    z = torch.cat([latents(vae, (pixels[i:i + 50] * 255).astype(np.uint8)) for i in range(0, len(scenes), 50)])
+    renders = np.stack([render(scene, size) for scene in scenes])
+    pixels, z = renders.astype(np.float32) / 255, scaled_latents(vae, renders)
     pixel_var, latent_var = float(pixels.var()), float(z.var())
     print(f"{args.model or 'built-in'}: {len(scenes)} scenes; latent std {latent_var ** 0.5:.3f} (scaled)")
     for kind in ("shape", "colour"):
-        other = np.stack([render(v[kind], size) for v in swapped]).astype(np.float32) / 255
-        z_other = torch.cat([latents(vae, (other[i:i + 50] * 255).astype(np.uint8)) for i in range(0, len(scenes), 50)])
+        other_renders = np.stack([render(v[kind], size) for v in swapped])
+        other, z_other = other_renders.astype(np.float32) / 255, scaled_latents(vae, other_renders)
         # squared distance summed over the image, in units of one pixel's (one latent value's) variance
         pixel_move = ((other - pixels) ** 2).reshape(len(scenes), -1).sum(1) / pixel_var
         latent_move = (z_other - z).square().flatten(1).sum(1).numpy() / latent_var
         gain = (latent_move / z[0].numel()) / (pixel_move / pixels[0].size)
         print(f"  {kind:6s} swapped: pixel move {pixel_move.mean():7.1f}, latent move {latent_move.mean():6.2f}"
               f" (units of one value's variance); gain, median over scenes {np.median(gain):.2f}")
+
 
 if __name__ == "__main__":
     main()

@@ -75,18 +75,19 @@ together() {  # together "STAGE CALLS" ...: all at once with PARALLEL=1, else on
 }
 
 VAE_RECIPE=${VAE_RECIPE:-vae} CLIP_RECIPE=${CLIP_RECIPE:-clip}
-if [[ $VAE_RECIPE == vae ]]; then ENCODER=${VAE_FROM:-$OUT/vae} DECODER=${VAE_FROM:-$OUT/vae_decoder}
-else ENCODER=${VAE_FROM:-$OUT/$VAE_RECIPE} DECODER=$ENCODER; fi
-CLIP=${CLIP_FROM:-$OUT/$CLIP_RECIPE}
+if [[ $VAE_RECIPE == vae ]]; then  # crops, then the decoder alone on whole images, encoder kept
+  ENCODER=$OUT/vae DECODER=$OUT/vae_decoder
+  vae_stages="stage vae vae $VAE_MIN '${INIT_FROM:-}'; stage vae_decoder vae $DECODER_MIN '$OUT/vae'"
+else
+  ENCODER=$OUT/$VAE_RECIPE DECODER=$OUT/$VAE_RECIPE
+  vae_stages="stage $VAE_RECIPE vae $VAE_MIN '${INIT_FROM:-}'"
+fi
+ENCODER=${VAE_FROM:-$ENCODER} DECODER=${VAE_FROM:-$DECODER} CLIP=${CLIP_FROM:-$OUT/$CLIP_RECIPE}
 unet_stage() { stage "$1" unet "$UNET_MIN" "${INIT_FROM:-}" --vae "$ENCODER" --clip "$CLIP"; }
 
 TOTAL_START=$(date +%s)
-first_stages=()  # vae_decoder: whole images, encoder kept
-if [[ -z ${VAE_FROM:-} && $VAE_RECIPE == vae ]]; then
-  first_stages+=("stage vae vae $VAE_MIN '${INIT_FROM:-}'; stage vae_decoder vae $DECODER_MIN '$OUT/vae'")
-elif [[ -z ${VAE_FROM:-} ]]; then
-  first_stages+=("stage $VAE_RECIPE vae $VAE_MIN '${INIT_FROM:-}'")
-fi
+first_stages=()
+[[ -n ${VAE_FROM:-} ]] || first_stages+=("$vae_stages")
 [[ -n ${CLIP_FROM:-} ]] || first_stages+=("stage $CLIP_RECIPE clip $CLIP_MIN '${INIT_FROM:-}'")
 (( ${#first_stages[@]} == 0 )) || together "${first_stages[@]}"
 unet_calls=()
