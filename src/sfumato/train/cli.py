@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from sfumato.cli import LazyGroup
+from sfumato.commands import user_errors
 
 
 @click.group(cls=LazyGroup, lazy={"lora": "sfumato.train.lora:lora_command"})
@@ -34,6 +35,7 @@ def stage_command(stage: str) -> Callable:
         @click.option("--batch-size", type=int, help="override the recipe's global batch size")
         @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
         @functools.wraps(fn)
+        @user_errors
         def command(config, out, resume, init_from, max_minutes, steps, batch_size, device, **extra) -> None:
             from sfumato.train.common import start_run
 
@@ -81,6 +83,7 @@ def unet(run, vae_dir: str, clip_dir: str) -> dict:
 @click.option("--unet", "unet_dir", required=True, type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--hardware", default="", help="what it was trained on, for the model card")
+@user_errors
 def assemble(vae_dir: str, clip_dir: str, unet_dir: str, out: str, hardware: str) -> None:
     """Build the shipped diffusers-layout model folder (fp16 safetensors + MODEL_CARD.md)."""
     from sfumato.train.assemble import assemble_model
