@@ -27,11 +27,10 @@ import torch
 from sfumato.checkpoints import BUILTIN_MODEL
 from sfumato.train.common import stage_folder
 from sfumato.train.unet import encode_latents
-from sfumato.world import render, sample_scenes
-from sfumato.world.scenes import COLORS, SHAPES
+from sfumato.world import COLORS, render, sample_scenes, vocabulary
 
 SEED = 124  # a stream of scenes apart from the training pools and the other scripts'
-BASE_SHAPES = SHAPES[:8]  # the eight every split trains on
+BASE_SHAPES = vocabulary("train")[0]  # the shapes every split trains on
 
 
 def load_vae(path: str | None):

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 import sfumato
-from sfumato.world import SHAPES, held_out, render, sample_scenes
+from sfumato.world import render, sample_scenes, vocabulary
 from sfumato.world.adherence import claim_report
 from sfumato.world.analyzer import analyze
 from sfumato.world.captions import describe
@@ -34,11 +34,10 @@ def one_object_scenes(n: int, split: str) -> list:
 
 def shape_rows(pipe, seeds: tuple[int, ...] = (0, 1, 2)) -> np.ndarray:
     """Each shape the training split holds, asked for alone in red on white: a row per seed."""
-    shapes = [s for s in SHAPES if s not in held_out().concept_shapes]
     rows = []
     for seed in seeds:
         images = [pipe.generate(prompt=f"a large red {shape} on a white background", seed=seed,
-                                steps=20, cfg_scale=7)[0].image for shape in shapes]
+                                steps=20, cfg_scale=7)[0].image for shape in vocabulary("train")[0]]
         rows.append(np.concatenate([np.asarray(im.convert("RGB")) for im in images], 1))
     return np.concatenate(rows, 0)
 

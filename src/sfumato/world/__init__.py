@@ -34,6 +34,7 @@ from sfumato.world.scenes import (
     held_out,
     sample_scene,
     sample_scenes,
+    vocabulary,
 )
 
 _LAZY = {"ShapesDataset": "sfumato.world.dataset", "export_folder": "sfumato.world.dataset",
@@ -41,7 +42,7 @@ _LAZY = {"ShapesDataset": "sfumato.world.dataset", "export_folder": "sfumato.wor
 
 __all__ = ["COLORS", "PATTERNS", "RELATIONS", "SHAPES", "SIZES", "SPLITS", "Claim", "Expectation",
            "ObjectQuery", "ObjectSpec", "RelationQuery", "Scene", "caption", "check", "describe",
-           "held_out", "render", "sample_scene", "sample_scenes", *_LAZY]
+           "held_out", "render", "sample_scene", "sample_scenes", "vocabulary", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -182,7 +182,8 @@ def as_random(rng: random.Random | np.random.Generator | int) -> random.Random:
     return random.Random(rng)
 
 
-def _vocabulary(split: str) -> tuple[list[str], list[str]]:
+def vocabulary(split: str) -> tuple[list[str], list[str]]:
+    """(shapes, patterns) the split's scenes may hold: all of them, or all but the held-out concepts."""
     rules = held_out()
     if split in ("concept", "eval"):
         return list(SHAPES), list(PATTERNS)
@@ -197,7 +198,7 @@ def can_have_pattern(shape: str, size: str) -> bool:
 
 def _draw_look(rng: random.Random, split: str, size: str) -> tuple[str, str, str]:
     """(shape, colour, pattern) for one object, obeying the split's vocabulary and pairs."""
-    shapes, patterns = _vocabulary(split)
+    shapes, patterns = vocabulary(split)
     rules = held_out()
     while True:
         shape, color = rng.choice(shapes), rng.choice(list(COLORS))

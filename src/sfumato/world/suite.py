@@ -32,6 +32,7 @@ from sfumato.world.scenes import (
     Scene,
     contrasts,
     held_out,
+    vocabulary,
 )
 
 SUITE_VERSION = "v1"
@@ -53,7 +54,7 @@ class SuitePrompt:
 # ----------------------------------------------------------------------------- building v1
 
 def _train_shapes() -> list[str]:
-    return [s for s in SHAPES if s not in held_out().concept_shapes]
+    return vocabulary("train")[0]
 
 
 def _train_patterns() -> list[str]:
