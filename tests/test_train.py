@@ -113,6 +113,14 @@ def test_max_minutes_stops_cleanly_with_everything_saved(tmp_path: Path):
     assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").exists()
 
 
+def test_command_line_overrides_replace_the_recipes_values(tmp_path: Path):
+    run_stage("vae", tmp_path, "--steps", "1", "--batch-size", "2", "--lr", "3e-5")
+    recipe = json.loads((tmp_path / "metrics.json").read_text())["recipe"]
+    assert (recipe["steps"], recipe["batch_size"], recipe["lr"]) == (1, 2, 3e-5)
+    lr_used = checkpoint(tmp_path)["optimizer"]["param_groups"][0]["lr"]
+    assert 0 < lr_used <= 3e-5  # tiny_vae's own lr is 1e-3
+
+
 def test_assemble_builds_a_loadable_diffusers_folder(full_runs: Path, assembled: Path):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel

@@ -33,14 +33,17 @@ def stage_command(stage: str) -> Callable:
         @click.option("--max-minutes", type=float, help="stop cleanly (saving) after this wall time")
         @click.option("--steps", type=int, help="override the recipe's number of steps")
         @click.option("--batch-size", type=int, help="override the recipe's global batch size")
+        @click.option("--lr", type=float, help="override the recipe's peak learning rate (a continuation "
+                                               "from --init-from usually wants less than from scratch)")
         @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
         @functools.wraps(fn)
         @user_errors
-        def command(config, out, resume, init_from, max_minutes, steps, batch_size, device, **extra) -> None:
+        def command(config, out, resume, init_from, max_minutes, steps, batch_size, lr, device, **extra) -> None:
             from sfumato.train.common import start_run
 
-            run = start_run(config, out, resume=resume, max_minutes=max_minutes, steps=steps,
-                            batch_size=batch_size, device=device, init_from=init_from)
+            overrides = {"steps": steps, "batch_size": batch_size, "lr": lr}
+            run = start_run(config, out, resume=resume, max_minutes=max_minutes, overrides=overrides,
+                            device=device, init_from=init_from)
             metrics = fn(run, **extra)
             if run.is_main:
                 shown = {k: v for k, v in metrics.items() if k not in ("loss_curve", "recipe")}

@@ -123,9 +123,11 @@ class Run:
 
 
 def start_run(config: str, out: str | Path, *, resume: bool, max_minutes: float | None,
-              steps: int | None, batch_size: int | None, device: str | None,
-              init_from: str | Path | None = None) -> Run:
-    """Parse the shared options; make the accelerator (bf16 on CUDA, gradient sync across GPUs)."""
+              overrides: dict[str, Any], device: str | None, init_from: str | Path | None = None) -> Run:
+    """Parse the shared options; make the accelerator (bf16 on CUDA, gradient sync across GPUs).
+
+    `overrides` replace the recipe's top-level keys (steps, batch_size, lr); None leaves one as it is.
+    """
     from accelerate import Accelerator
 
     started = time.time()
@@ -138,10 +140,7 @@ def start_run(config: str, out: str | Path, *, resume: bool, max_minutes: float 
         raise SfumatoError("--device cuda: no CUDA GPU is visible; use --device cpu")
     cpu = device == "cpu" or not torch.cuda.is_available()
     recipe = load_recipe(config, gpu=not cpu)
-    if steps is not None:
-        recipe["steps"] = steps
-    if batch_size is not None:
-        recipe["batch_size"] = batch_size
+    recipe |= {key: value for key, value in overrides.items() if value is not None}
     accelerator = Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16")
     if recipe["batch_size"] % accelerator.num_processes:
         raise SfumatoError(f"batch_size {recipe['batch_size']} must be a multiple of the "
