@@ -12,8 +12,8 @@
 #   VAE_RECIPE=vae_robust VAE_MIN=3 CLIP_MIN=2 UNETS="unet_budget" UNET_MIN=4 \
 #     OUT=folder bash scripts/gpu_session.sh
 # Next (model card, session 16), the first choice: that VAE and a shape-aware CLIP exist now (CPU-trained,
-# train_checkpoints/session16), so the whole call goes to unet_budget on them (~2.5 M samples):
-#   VAE_FROM=train_checkpoints/session16 CLIP_FROM=train_checkpoints/session16 UNETS="unet_budget" UNET_MIN=7 \
+# train_checkpoints/candidate), so the whole call goes to unet_budget on them (~2.5 M samples):
+#   VAE_FROM=train_checkpoints/candidate CLIP_FROM=train_checkpoints/candidate UNETS="unet_budget" UNET_MIN=7 \
 #     OUT=folder bash scripts/gpu_session.sh
 # Session 7 trained UNets only, on a given VAE and CLIP (model card):
 #   VAE_FROM=src/sfumato/models/builtin CLIP_FROM=MODEL UNETS="unet_wide unet_wide_zero_snr" UNET_MIN=7 \
