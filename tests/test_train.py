@@ -119,6 +119,8 @@ def test_command_line_overrides_replace_the_recipes_values(tmp_path: Path):
     assert (recipe["steps"], recipe["batch_size"], recipe["lr"]) == (1, 2, 3e-5)
     lr_used = checkpoint(tmp_path)["optimizer"]["param_groups"][0]["lr"]
     assert 0 < lr_used <= 3e-5  # tiny_vae's own lr is 1e-3
+    result = CliRunner().invoke(train, ["vae", "--out", str(tmp_path / "x"), "--lr", "0"])
+    assert result.exit_code == 2 and "--lr" in result.output and "Traceback" not in result.output
 
 
 def test_assemble_builds_a_loadable_diffusers_folder(full_runs: Path, assembled: Path):

@@ -33,7 +33,7 @@ def stage_command(stage: str) -> Callable:
         @click.option("--max-minutes", type=float, help="stop cleanly (saving) after this wall time")
         @click.option("--steps", type=int, help="override the recipe's number of steps")
         @click.option("--batch-size", type=int, help="override the recipe's global batch size")
-        @click.option("--lr", type=float, help="override the recipe's peak learning rate (a continuation "
+        @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="override the recipe's peak learning rate (a continuation "
                                                "from --init-from usually wants less than from scratch)")
         @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
         @functools.wraps(fn)
