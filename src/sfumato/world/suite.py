@@ -58,7 +58,7 @@ def _train_shapes() -> list[str]:
 
 
 def _train_patterns() -> list[str]:
-    return [p for p in PATTERNS[1:] if p not in held_out().concept_patterns]
+    return [p for p in vocabulary("train")[1] if p != "plain"]
 
 
 def _seen_in_training(shape: str, color: str | None = None, pattern: str = "plain") -> bool:
