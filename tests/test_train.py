@@ -451,3 +451,16 @@ def test_clip_trains_with_hard_negatives(tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert np.isfinite(metrics["final_loss"]) and 0 <= metrics["shape_swap_choice_train"] <= 1
+
+
+def test_a_pool_on_the_grid_is_the_same_pool_snapped_by_workers_or_not():
+    from sfumato.train.data import render_pool
+    from sfumato.world import render
+    from sfumato.world.scenes import snap_to_grid
+
+    plain_images, plain = render_pool(5, 1024, "train", 16, workers=1)
+    images, scenes = render_pool(5, 1024, "train", 16, workers=1, grid=16)
+    assert scenes == [snap_to_grid(s, 16) for s in plain]
+    assert (images[3] == render(scenes[3], 16)).all() and not (images == plain_images).all()
+    _, by_workers = render_pool(5, 1024, "train", 16, workers=2, grid=16)
+    assert by_workers == scenes

@@ -19,6 +19,7 @@ from sfumato.world.scenes import (
     relation_holds,
     sample_scene,
     sample_scenes,
+    snap_to_grid,
 )
 
 RULES = json.loads(resources.files("sfumato.world").joinpath("heldout.json").read_text())
@@ -87,6 +88,27 @@ def test_scenes_are_drawable_and_readable(seed, split):
             assert a.pattern == "plain"  # too few pixels to show a pattern
         for b in scene.objects[i + 1:]:
             assert math.dist((a.x, a.y), (b.x, b.y)) >= a.radius + b.radius - 1e-9
+
+
+@settings(max_examples=150, deadline=None)
+@given(seeds)
+def test_snapping_puts_objects_on_the_grid_and_keeps_the_scene_valid(seed):
+    scene = sample_scene(random.Random(seed), "train")
+    snapped = snap_to_grid(scene, 16)
+    assert [(o.shape, o.color, o.size, o.pattern) for o in snapped.objects] == [
+        (o.shape, o.color, o.size, o.pattern) for o in scene.objects]
+    for i, (a, old) in enumerate(zip(snapped.objects, scene.objects, strict=True)):
+        assert abs(a.x - old.x) <= 1 / 16 and abs(a.y - old.y) <= 1 / 16
+        assert a.x - a.radius >= EDGE_MARGIN - 1e-9 and a.x + a.radius <= 1 - EDGE_MARGIN + 1e-9
+        for b in snapped.objects[i + 1:]:
+            assert math.dist((a.x, a.y), (b.x, b.y)) >= a.radius + b.radius
+    if snapped != scene:  # else two objects would have come too close: the scene stays as drawn
+        assert all(round(o.x * 16, 9).is_integer() and round(o.y * 16, 9).is_integer() for o in snapped.objects)
+
+
+def test_almost_every_scene_snaps():
+    scenes = sample_scenes(3, 400, "train")
+    assert sum(snap_to_grid(s, 16) != s for s in scenes) >= 390
 
 
 def test_relations_are_exclusive_and_mirror_each_other():

@@ -30,11 +30,10 @@ def hash_seed(*keys: int) -> int:
 def _render_range(args: tuple) -> list:
     """Scenes start..stop of stream `seed` (each depends only on (seed, index)), rendered into
     rows start..stop of the array file `path` (no pickling of gigabytes back to the parent)."""
-    from sfumato.world import render, sample_scene
-    from sfumato.world.scenes import scene_rng
+    from sfumato.world import render
 
-    seed, start, stop, split, size, path, n = args
-    scenes = [sample_scene(scene_rng(seed, i), split) for i in range(start, stop)]
+    seed, start, stop, split, size, path, n, grid = args
+    scenes = _scenes(seed, range(start, stop), split, grid)
     rows = np.memmap(path, np.uint8, "r+", shape=(n, size, size, 3))
     for i, scene in enumerate(scenes):
         rows[start + i] = render(scene, size)
@@ -42,23 +41,32 @@ def _render_range(args: tuple) -> list:
     return scenes
 
 
-def render_pool(seed: int, n: int, split: str, size: int, workers: int = 0) -> tuple[np.ndarray, list]:
-    """Scenes 0..n-1 of `split` and their images, (n, size, size, 3) uint8, by a process pool.
+def _scenes(seed: int, indices: range, split: str, grid: int) -> list:
+    from sfumato.world.scenes import sample_scene, scene_rng, snap_to_grid
+
+    scenes = [sample_scene(scene_rng(seed, i), split) for i in indices]
+    return [snap_to_grid(scene, grid) for scene in scenes] if grid else scenes
+
+
+def render_pool(seed: int, n: int, split: str, size: int, workers: int = 0,
+                grid: int = 0) -> tuple[np.ndarray, list]:
+    """Scenes 0..n-1 of `split` and their images, (n, size, size, 3) uint8, by a process pool;
+    `grid`: objects moved onto a grid x grid lattice (world.scenes.snap_to_grid).
 
     Rendering once into memory keeps a GPU fed: a training step only gathers rows.
     """
-    from sfumato.world import render, sample_scenes
+    from sfumato.world import render
 
     workers = workers or len(os.sched_getaffinity(0))
     if workers <= 1 or n < 1024:
-        scenes = sample_scenes(seed, n, split)
+        scenes = _scenes(seed, range(n), split, grid)
         return np.stack([render(scene, size) for scene in scenes]), scenes
     # A file, not /dev/shm: containers often give shared memory only a few MB.
     with tempfile.TemporaryDirectory(prefix="sfumato-render-") as folder:
         path = os.path.join(folder, "pool.u8")
         np.memmap(path, np.uint8, "w+", shape=(n, size, size, 3)).flush()
         chunk = math.ceil(n / (workers * 4))
-        jobs = [(seed, i, min(n, i + chunk), split, size, path, n) for i in range(0, n, chunk)]
+        jobs = [(seed, i, min(n, i + chunk), split, size, path, n, grid) for i in range(0, n, chunk)]
         # forkserver: a CUDA context in the parent must not be forked.
         with multiprocessing.get_context("forkserver").Pool(workers) as pool:
             scenes = [scene for part in pool.map(_render_range, jobs) for scene in part]

@@ -143,7 +143,9 @@ def load_frozen(vae_dir: Path, clip_dir: Path, device: torch.device):
 def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
     r, data = run.recipe, run.recipe["data"]
     scheduler = build_scheduler(r.get("prediction_type", "epsilon"), r.get("zero_terminal_snr", False))
-    pool, scenes = render_pool(run.seed, data["train_scenes"], "train", data["size"], data.get("workers", 0))
+    # data.grid: training scenes with their objects on the latent grid (world.scenes.snap_to_grid)
+    pool, scenes = render_pool(run.seed, data["train_scenes"], "train", data["size"], data.get("workers", 0),
+                               data.get("grid", 0))
     vae, text_encoder = load_frozen(vae_dir, clip_dir, run.device)
     tokenizer = load_tokenizer()
     with run.accelerator.autocast():
