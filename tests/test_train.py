@@ -101,9 +101,11 @@ def test_stage_outputs_load_and_report(full_runs: Path):
     assert 0 <= metrics["shape_swap_choice_train"] <= 1 and 0 <= metrics["colour_swap_choice_heldout"] <= 1
     unet = UNet2DConditionModel.from_pretrained(full_runs / "unet_full" / "unet")
     assert unet.config.cross_attention_dim == text.config.hidden_size
-    # the shipped UNet weights are the EMA ones
-    ema = checkpoint(full_runs / "unet_full")["ema"]["shadow_params"]
-    assert all(torch.equal(p, e) for p, e in zip(unet.parameters(), ema, strict=True))
+    # the shipped UNet weights are the EMA ones (the EMA holds the UNet's, then the text encoder's)
+    params = list(unet.parameters())
+    ema = checkpoint(full_runs / "unet_full")["ema"]["shadow_params"][: len(params)]
+    assert all(torch.equal(p, e) for p, e in zip(params, ema, strict=True))
+    assert not (full_runs / "unet_full" / "text_encoder").exists()  # frozen: the CLIP stage's is the one
 
 
 def test_max_minutes_stops_cleanly_with_everything_saved(tmp_path: Path):
@@ -326,8 +328,15 @@ def saved_tensors(folder: Path, stage: str, *, assembled: bool) -> dict[str, tor
         files += [folder / "text_encoder" / "model.safetensors"] if assembled else []
     else:
         files = [folder / stage / "diffusion_pytorch_model.safetensors"]
-    prefix = "vae." if stage == "vae" else ""  # the VAE trains inside a wrapper module
+    prefix = {"vae": "vae.", "unet": "unet."}.get(stage, "")  # the VAE and UNet train inside wrapper modules
     return {prefix + k: v.float() for file in files for k, v in load_file(file).items()}
+
+
+def clip_text_tensors(runs: Path) -> dict[str, torch.Tensor]:
+    """The CLIP stage's text tower, named as in a UNet stage's checkpoint."""
+    from safetensors.torch import load_file
+
+    return {"text_encoder." + k: v for k, v in load_file(runs / "clip_full" / "text_encoder" / "model.safetensors").items()}
 
 
 @pytest.mark.parametrize("stage", ["vae", "clip", "unet"])
@@ -336,6 +345,10 @@ def test_init_from_starts_from_the_assembled_weights_and_trains_on(assembled: Pa
     run_stage(stage, out, "--steps", "0", "--init-from", str(assembled))
     start, expected = checkpoint(out), saved_tensors(assembled, stage, assembled=True)
     assert start["step"] == 0 and start["losses"] == []
+    if stage == "unet":  # beside it, its frozen text encoder, from --clip
+        text = {k: v for k, v in start["model"].items() if k.startswith("text_encoder.")}
+        assert text and all(torch.equal(v, clip_text_tensors(assembled.parent)[k]) for k, v in text.items())
+        start["model"] = {k: v for k, v in start["model"].items() if k not in text}
     assert set(start["model"]) == set(expected)
     for key, value in expected.items():
         assert start["model"][key].dtype == torch.float32
@@ -388,10 +401,10 @@ def test_a_grown_recipe_continues_an_assembled_unet(assembled: Path, tmp_path: P
     run_stage("unet", out, "--config", str(grown), "--steps", "0", "--init-from", str(assembled))
     start, saved = checkpoint(out)["model"], saved_tensors(assembled, "unet", assembled=True)
     assert all(torch.equal(start[k], v) for k, v in saved.items())
-    new = [k for k in start if k not in saved]
-    assert any(k.startswith("down_blocks.0.attentions.0.") for k in new)  # and the up path's mirror
+    new = [k for k in start if k not in saved and not k.startswith("text_encoder.")]
+    assert any(k.startswith("unet.down_blocks.0.attentions.0.") for k in new)  # and the up path's mirror
     assert all(".attentions." in k for k in new)
-    assert not start["down_blocks.0.attentions.0.proj_out.weight"].any()
+    assert not start["unet.down_blocks.0.attentions.0.proj_out.weight"].any()
 
 
 def test_init_from_and_resume_together_is_a_user_error(assembled: Path, tmp_path: Path):
@@ -464,3 +477,44 @@ def test_a_pool_on_the_grid_is_the_same_pool_snapped_by_workers_or_not():
     assert (images[3] == render(scenes[3], 16)).all() and not (images == plain_images).all()
     _, by_workers = render_pool(5, 1024, "train", 16, workers=2, grid=16)
     assert by_workers == scenes
+
+
+def test_a_text_encoder_tuned_with_the_unet_is_saved_and_shipped(full_runs: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    recipe = tmp_path / "tuned.toml"
+    recipe.write_text('base = "tiny_unet"\ntext_encoder_lr = 5e-4\n')
+    out = full_runs / "unet_tuned"
+    run_stage("unet", out, "--config", str(recipe), "--steps", "3")
+    state = checkpoint(out)
+    assert sorted(g["lr_scale"] for g in state["optimizer"]["param_groups"]) == [0.5, 1.0]  # 5e-4 / 1e-3
+    frozen = clip_text_tensors(full_runs)
+    tuned = {"text_encoder." + k: v for k, v in load_file(out / "text_encoder" / "model.safetensors").items()}
+    assert set(tuned) == set(frozen)
+    assert any(not torch.equal(tuned[k], v) for k, v in frozen.items())  # the diffusion loss moved it
+    assert json.loads((out / "metrics.json").read_text())["text_encoder_tuned"] is True
+
+    model = tmp_path / "model"
+    result = CliRunner().invoke(train, ["assemble", "--vae", str(full_runs / "vae_full"), "--clip",
+                                        str(full_runs / "clip_full"), "--unet", str(out), "--out", str(model)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    shipped = {"text_encoder." + k.removeprefix("text_model."): v.float()  # SD's key layout there
+               for k, v in load_file(model / "text_encoder" / "model.safetensors").items()}
+    assert all(torch.equal(shipped[k], v.half().float()) for k, v in tuned.items())
+    # clip/ keeps the CLIP's own text tower, the one its vision tower was trained against
+    score_text = {k: v for k, v in load_file(model / "clip" / "model.safetensors").items() if k.startswith("text_model.")}
+    assert all(torch.equal(v.float(), frozen["text_encoder." + k.removeprefix("text_model.")].half().float())
+               for k, v in score_text.items())
+    assert score_text and "then tuned with the UNet" in (model / "MODEL_CARD.md").read_text()
+
+
+def test_a_text_encoder_learning_rate_sets_its_own_parameter_group(tmp_path: Path):
+    from sfumato.train.common import make_trainable, start_run
+
+    run = start_run("tiny_unet", tmp_path, resume=False, max_minutes=None, overrides={}, device="cpu")
+    module = torch.nn.ModuleDict({"unet": torch.nn.Linear(2, 2), "text_encoder": torch.nn.Linear(2, 3)})
+    module["text_encoder"].requires_grad_(True)
+    groups = make_trainable(run, module, {"text_encoder": 0.25}).optimizer.param_groups
+    sizes = {g["lr_scale"]: sum(p.numel() for p in g["params"]) for g in groups}
+    assert sizes == {1.0: 6, 0.25: 9}

@@ -3,7 +3,8 @@
     model_index.json            as StableDiffusionPipeline's (no tokenizer: it ships in sfumato/data)
     unet/ vae/ text_encoder/    fp16 safetensors (fp32 where fp16 measurably changes outputs)
     scheduler/                  SD's noise schedule, the UNet's prediction type
-    clip/                       vision tower + projections for a CLIP score (see load_clip)
+    clip/                       vision tower + projections for a CLIP score (see load_clip); the whole
+                                CLIP where the UNet stage tuned the text encoder
     MODEL_CARD.md, samples.png
 
 Weights-only, it is also where training continues from: `sfumato train vae|clip|unet --init-from`
@@ -86,15 +87,18 @@ def model_index(text_encoder_class: str = "CLIPTextModel") -> dict:
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
 
 
-def _save_clip_score_parts(clip_dir: Path, folder: Path, half: bool) -> int:
-    """The CLIP model minus its text tower (that is text_encoder/): vision tower + projections."""
+def _save_clip_score_parts(clip_dir: Path, folder: Path, half: bool, keep_text: bool = False) -> int:
+    """The CLIP model minus its text tower (that is text_encoder/): vision tower + projections.
+    keep_text: the whole CLIP, where text_encoder/ is a tuned copy of its text tower that no longer
+    matches the vision tower's embedding space."""
     from safetensors.torch import load_file, save_file
 
     folder.mkdir(parents=True)
     for name in ("config.json", "preprocessor_config.json"):
         if (clip_dir / name).exists():
             shutil.copy(clip_dir / name, folder / name)
-    weights = {k: v for k, v in load_file(clip_dir / "model.safetensors").items() if not k.startswith(TEXT_PREFIX)}
+    weights = {k: v for k, v in load_file(clip_dir / "model.safetensors").items()
+               if keep_text or not k.startswith(TEXT_PREFIX)}
     save_file({k: (v.half() if half and k != "logit_scale" else v).contiguous() for k, v in weights.items()},
               folder / "model.safetensors", metadata={"format": "pt"})
     return sum(v.numel() for v in weights.values())
@@ -202,7 +206,10 @@ def assemble_model(vae_dir: Path, clip_dir: Path, unet_dir: Path, out: Path, *, 
 
     unet = UNet2DConditionModel.from_pretrained(stage_folder(unet_dir, "unet")).eval()
     vae = AutoencoderKL.from_pretrained(stage_folder(vae_dir, "vae")).eval()
-    text_encoder = CLIPTextModel.from_pretrained(stage_folder(clip_dir, "text_encoder")).eval()
+    # a UNet stage that tuned the text encoder (text_encoder_lr) saved its own beside the UNet
+    tuned_text = (unet_dir / "text_encoder" / "config.json").exists()
+    text_encoder = CLIPTextModel.from_pretrained(stage_folder(unet_dir if tuned_text else clip_dir,
+                                                             "text_encoder")).eval()
     if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
         raise SfumatoError(f"the UNet attends to width {unet.config.cross_attention_dim} but the text encoder "
                            f"has width {text_encoder.config.hidden_size}: train the UNet on this CLIP")
@@ -219,7 +226,8 @@ def assemble_model(vae_dir: Path, clip_dir: Path, unet_dir: Path, out: Path, *, 
         scheduler.save_pretrained(tmp / "scheduler")
         clip_params = 0
         if (clip_dir / "clip" / "model.safetensors").exists():
-            clip_params = _save_clip_score_parts(clip_dir / "clip", tmp / "clip", half["text_encoder"])
+            clip_params = _save_clip_score_parts(clip_dir / "clip", tmp / "clip", half["text_encoder"],
+                                                 keep_text=tuned_text)
         (tmp / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
         samples = sorted((unet_dir / "samples").glob("unet_*.png"))
         if samples:
@@ -253,7 +261,8 @@ def model_card(summary: dict, stages: dict, hardware: str) -> str:
         "## Components",
         "",
         f"- VAE (AutoencoderKL): {p['vae']:,} parameters, scaling_factor {_figure(vae, 'scaling_factor', '{:.4f}')}",
-        f"- Text encoder (CLIPTextModel, the text tower of a CLIP trained here): {p['text_encoder']:,} parameters",
+        f"- Text encoder (CLIPTextModel, the text tower of a CLIP trained here"
+        f"{', then tuned with the UNet' if unet.get('text_encoder_tuned') else ''}): {p['text_encoder']:,} parameters",
         f"- UNet (UNet2DConditionModel, EMA weights, {_figure(unet, 'prediction_type')}): {p['unet']:,} parameters",
         f"- Shipped total: {summary['shipped_params']:,} parameters, {summary['megabytes']} MB on disk",
         f"- clip/: CLIP vision tower + projections for a CLIP score ({p['clip_vision_and_projections']:,} "

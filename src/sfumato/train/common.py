@@ -227,14 +227,21 @@ class Trainable:
     setup_seconds: float = 0.0  # from the command's start to the first step: data, models
 
 
-def make_trainable(run: Run, module: torch.nn.Module) -> Trainable:
-    """AdamW (+ EMA of the weights when the recipe has ema_decay), prepared by accelerate."""
+def make_trainable(run: Run, module: torch.nn.Module, lr_scales: dict[str, float] | None = None) -> Trainable:
+    """AdamW (+ EMA of the weights when the recipe has ema_decay), prepared by accelerate.
+
+    lr_scales: {child module name: its learning rate over the recipe's lr}, e.g. a text encoder
+    tuned beside the UNet at a fifth of its rate; the other children follow the recipe's lr."""
     from diffusers.training_utils import EMAModel
 
     r = run.recipe
-    trained = [p for p in module.parameters() if p.requires_grad]  # e.g. a VAE's decoder alone
-    optimizer = torch.optim.AdamW(trained, lr=r["lr"], weight_decay=r.get("weight_decay", 0.0),
-                                  betas=(0.9, r.get("beta2", 0.999)))
+    scales = lr_scales or {}
+    groups: dict[float, list] = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:  # e.g. a VAE's decoder alone
+            groups.setdefault(scales.get(name.split(".")[0], 1.0), []).append(p)
+    optimizer = torch.optim.AdamW([{"params": ps, "lr_scale": scale} for scale, ps in groups.items()], lr=r["lr"],
+                                  weight_decay=r.get("weight_decay", 0.0), betas=(0.9, r.get("beta2", 0.999)))
     module, optimizer = run.accelerator.prepare(module, optimizer)
     ema = None
     if r.get("ema_decay"):
@@ -329,7 +336,7 @@ def train_loop(run: Run, t: Trainable, make_batch: Callable[[int], dict], loss_f
                                device=run.device)
         for batch in batches:
             for group in t.optimizer.param_groups:
-                group["lr"] = learning_rate(r, t.step)
+                group["lr"] = learning_rate(r, t.step) * group.get("lr_scale", 1.0)
             with acc.autocast():
                 loss = loss_fn(batch, t.step)
             acc.backward(loss)

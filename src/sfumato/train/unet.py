@@ -3,7 +3,8 @@
 Scenes are rendered and encoded once (posterior mean and std kept, a latent is sampled per step);
 each step draws a fresh caption of every scene from its Scene, so captions vary across epochs.
 ~10% of captions are dropped (empty string) so that classifier-free guidance works. The EMA weights
-are the ones shipped.
+are the ones shipped. With `text_encoder_lr` > 0 the text encoder is tuned beside the UNet (its EMA
+weights are saved in OUT/text_encoder, which `sfumato train assemble` then ships); else it stays frozen.
 """
 
 from __future__ import annotations
@@ -55,6 +56,18 @@ def latent_object_masks(scenes: list, size: int) -> Tensor:
         for obj in scene.objects:
             mask[0] |= (x - obj.x) ** 2 + (y - obj.y) ** 2 <= (obj.radius + 1 / size) ** 2
     return masks
+
+
+class TextConditionedUNet(torch.nn.Module):
+    """The UNet and its text encoder as one module, so that the optimiser, the EMA and the
+    checkpoints hold the text encoder too when the recipe tunes it."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, noisy: Tensor, timesteps: Tensor, ids: Tensor) -> Tensor:
+        return self.unet(noisy, timesteps, self.text_encoder(ids).last_hidden_state).sample
 
 
 def build_unet(model: dict, cross_attention_dim: int, sample_size: int):
@@ -160,7 +173,12 @@ def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
     unet = build_unet(r["model"], text_encoder.config.hidden_size, mean.shape[-1])
     if run.init_from:  # init_grows: the recipe adds attention blocks to the saved UNet
         load_saved(unet, run.init_from, "unet", grow=r.get("init_grows", False))
-    t = make_trainable(run, unet)  # after loading: the EMA starts from those weights
+    # text_encoder_lr: the diffusion loss tunes the text encoder too (a contrastive CLIP spreads
+    # colour words through the caption's states and shape words hardly at all: session 17)
+    tune_text = r.get("text_encoder_lr", 0.0) > 0
+    text_encoder.requires_grad_(tune_text)
+    t = make_trainable(run, TextConditionedUNet(unet, text_encoder),  # after loading: the EMA starts from those
+                       {"text_encoder": r.get("text_encoder_lr", 0.0) / r["lr"]})
 
     def make_batch(step: int) -> dict:
         rng = run.numpy_rng(step)
@@ -173,8 +191,6 @@ def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
     alphas_cumprod = scheduler.alphas_cumprod.to(run.device)  # once, not a copy to the GPU every step
 
     def loss_fn(batch: dict, step: int) -> Tensor:
-        with torch.no_grad():
-            context = text_encoder(batch["ids"]).last_hidden_state
         g, rows = run.generator(step), batch["rows"]
         latents = (mean[rows] + std[rows] * torch.randn(std[rows].shape, generator=g, device=run.device)) * scale
         noise = offset_noise(latents.shape, r.get("noise_offset", 0.0), g, run.device)
@@ -182,22 +198,20 @@ def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
         pixel_weights = None if on_object is None else 1 + object_weight * on_object[rows].float()
-        return denoising_loss(t.module(noisy, timesteps, context).sample, target, alphas_cumprod[timesteps],
+        return denoising_loss(t.module(noisy, timesteps, batch["ids"]), target, alphas_cumprod[timesteps],
                               scheduler.config.prediction_type, r.get("min_snr_gamma", 0.0), pixel_weights)
 
     evals = {}
     for split in ("train", "heldout"):  # unseen scenes; "heldout": unseen shape/colour pairs too
         pixels, eval_scenes = render_pool(run.seed + EVAL_SEED_OFFSET, data["eval_scenes"], split, data["size"])
-        captions = eval_captions(eval_scenes, run.seed)
         with run.accelerator.autocast():
-            latents = encode_latents(vae, pixels, run.device)[0] * scale
-            evals[split] = (latents, text_hidden(text_encoder, tokenizer, captions, run.device).float(), captions)
-    prompts = evals["train"][2][:4] + evals["heldout"][2][:4]
+            evals[split] = (encode_latents(vae, pixels, run.device)[0] * scale, eval_captions(eval_scenes, run.seed))
+    prompts = evals["train"][1][:4] + evals["heldout"][1][:4]
 
     def on_sample(step: int) -> None:
         if run.is_main:
             with ema_weights(run, t) as module, run.accelerator.autocast():
-                images = generate(module.eval(), text_encoder, tokenizer, vae, scheduler, prompts,
+                images = generate(module.unet.eval(), module.text_encoder.eval(), tokenizer, vae, scheduler, prompts,
                                   steps=r.get("sample_steps", 25), guidance=r.get("sample_guidance", 5.0))
                 module.train()
             save_grid(images, run.out / "samples" / f"unet_{step:07d}.png", ncols=4)
@@ -208,16 +222,19 @@ def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
     train_loop(run, t, make_batch, loss_fn, on_sample, desc="unet")
     on_sample(t.step)
     with ema_weights(run, t) as module:
-        unet = module.eval()
-        metrics = {"stage": "unet", "params": param_count(unet), **loss_summary(run, t),
-                   "prediction_type": scheduler.config.prediction_type}
+        module.eval()
+        metrics = {"stage": "unet", "params": param_count(module.unet), **loss_summary(run, t),
+                   "prediction_type": scheduler.config.prediction_type, "text_encoder_tuned": tune_text}
         with run.accelerator.autocast():
-            for split, (latents, context, _) in evals.items():
+            for split, (latents, captions) in evals.items():
+                context = text_hidden(module.text_encoder, tokenizer, captions, run.device).float()
                 metrics[f"val_loss_{split}"] = round(
-                    validation_loss(unet, scheduler, latents, context, run.generator(EVAL_KEY)), 5)
+                    validation_loss(module.unet, scheduler, latents, context, run.generator(EVAL_KEY)), 5)
         if run.is_main:
-            save_pretrained_atomic(unet, run.out / "unet")
+            save_pretrained_atomic(module.unet, run.out / "unet")
             save_pretrained_atomic(scheduler, run.out / "scheduler")
-        unet.train()
+            if tune_text:
+                save_pretrained_atomic(module.text_encoder, run.out / "text_encoder")
+        module.train()
     write_metrics(run, metrics)
     return metrics
