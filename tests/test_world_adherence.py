@@ -213,3 +213,18 @@ def test_claim_report_counts_images_and_failures_by_kind():
     shape, color = Claim("shape", "a star"), Claim("color", "red")
     report = claim_report([{shape: True, color: True}, {shape: False, color: True}, {shape: False, color: False}])
     assert report == "0.333 of 3 pass every claim; claims failed by kind: color 0.33, shape 0.67"
+
+
+def test_the_clip_score_prefers_the_scene_a_prompt_asks_for():
+    from sfumato.world.clip_score import ClipScorer
+
+    suite = select_prompts(read_suite(), ["single_object", "colors", "two_objects"], limit=3)
+    scorer = ClipScorer()
+    right = run_adherence(RendererPipe(suite), suite, images_per_prompt=1, clip_scorer=scorer, progress=False)
+    deaf = run_adherence(RendererPipe(suite, ignore=True), suite, images_per_prompt=1, clip_scorer=scorer,
+                         progress=False)
+    assert all(0 <= r.clip_score <= 100 for r in right.results + deaf.results)
+    assert overall_score(right.clip_scores()) > overall_score(deaf.clip_scores()) + 2
+    table = format_table(right)
+    assert table.splitlines()[0].endswith("clip") and f"{overall_score(right.clip_scores()):.1f}" in table
+    assert right.to_dict()["scores"]["7"]["clip_score"]["categories"] == right.clip_scores()

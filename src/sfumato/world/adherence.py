@@ -6,7 +6,8 @@
 Every prompt of the suite gets N images (seeds seed..seed+N-1, one batch). The analyzer judges
 each claim the prompt makes; an image is correct only when ALL its claims hold. A category's
 score is the mean over its images, the overall score the mean over categories, leaving out
-"concept" (taught by a LoRA later, never seen by base training; reported on its own row).
+"concept" (taught by a LoRA later, never seen by base training; reported on its own row). Beside
+it, each image's CLIP score against its prompt (world.clip_score), averaged the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import math
 import textwrap
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,6 +50,7 @@ class ImageResult:
     cfg: float
     seed: int
     claims: dict[Claim, bool]
+    clip_score: float | None = None
 
     @property
     def correct(self) -> bool:
@@ -86,6 +88,12 @@ class Report:
     def overall(self, cfg: float | None = None) -> float:
         return overall_score(self.scores(cfg))
 
+    def clip_scores(self, cfg: float | None = None) -> dict[str, float]:
+        """Category -> mean CLIP score of its images (empty where none was computed)."""
+        cfg = self.cfgs[0] if cfg is None else cfg
+        return category_means((r.category, r.clip_score) for r in self.results
+                              if r.cfg == cfg and r.clip_score is not None)
+
     def to_dict(self) -> dict:
         return {
             "suite_version": self.suite_version,
@@ -93,7 +101,9 @@ class Report:
             "params": self.params,
             "elapsed_s": round(self.elapsed_s, 2),
             "excluded_from_overall": list(EXCLUDED_FROM_OVERALL),
-            "scores": {f"{c:g}": {"categories": self.scores(c), "overall": _finite(self.overall(c))}
+            "scores": {f"{c:g}": {"categories": self.scores(c), "overall": _finite(self.overall(c)),
+                                  "clip_score": {"categories": self.clip_scores(c),
+                                                 "overall": _finite(overall_score(self.clip_scores(c)))}}
                        for c in self.cfgs},
             "images": [_result_dict(r, self.prompts[r.prompt_id]) for r in self.results],
         }
@@ -123,12 +133,16 @@ def claim_report(claim_sets: Iterable[Mapping[Claim, bool]]) -> str:
 
 
 def category_scores(results: Iterable[ImageResult]) -> dict[str, float]:
-    totals: dict[str, list[int]] = {}
-    for result in results:
-        counts = totals.setdefault(result.category, [0, 0])
-        counts[0] += result.correct
+    return category_means((r.category, float(r.correct)) for r in results)
+
+
+def category_means(values: Iterable[tuple[str, float]]) -> dict[str, float]:
+    totals: dict[str, list[float]] = {}
+    for category, value in values:
+        counts = totals.setdefault(category, [0.0, 0])
+        counts[0] += value
         counts[1] += 1
-    return {category: right / n for category, (right, n) in totals.items()}
+    return {category: total / n for category, (total, n) in totals.items()}
 
 
 def overall_score(scores: Mapping[str, float]) -> float:
@@ -144,7 +158,7 @@ def _finite(x: float) -> float | None:
 def _result_dict(result: ImageResult, prompt: SuitePrompt) -> dict:
     return {"id": result.prompt_id, "category": result.category, "prompt": prompt.prompt,
             "negative_prompt": prompt.negative_prompt, "cfg": result.cfg, "seed": result.seed,
-            "correct": result.correct,
+            "correct": result.correct, "clip_score": None if result.clip_score is None else round(result.clip_score, 3),
             "claims": [{"kind": c.kind, "text": c.text, "holds": bool(h)} for c, h in result.claims.items()]}
 
 
@@ -173,9 +187,10 @@ def run_adherence(pipe: Pipeline, suite: Sequence[SuitePrompt], *, images_per_pr
                   cfg: float | Sequence[float] = 7.0, sampler: str = "DPM++ 2M",
                   scheduler: str = "karras", steps: int = 20, seed: int = 0,
                   batch: int | None = None, suite_version: str = SUITE_VERSION,
-                  progress: bool = True) -> Report:
+                  clip_scorer: Callable[[list, str], list[float]] | None = None, progress: bool = True) -> Report:
     """Generate and judge N images per prompt for each cfg value; `batch` caps the images of
-    one generate call (default: all N at once). Image i of a prompt always has seed seed+i."""
+    one generate call (default: all N at once). Image i of a prompt always has seed seed+i.
+    clip_scorer(images, prompt): a CLIP score per image (world.clip_score.ClipScorer), or None."""
     from tqdm import tqdm
 
     from sfumato.params import GenerationParams
@@ -199,8 +214,9 @@ def run_adherence(pipe: Pipeline, suite: Sequence[SuitePrompt], *, images_per_pr
                                               batch_size=min(batch, images_per_prompt - first))
                     images += pipe.generate(params)
                 judged = [(g, analyze(g.image, prompt.expectation)) for g in images]
-                results += [ImageResult(prompt.id, prompt.category, scale, g.seed, claims)
-                            for g, claims in judged]
+                clip = clip_scorer([g.image for g in images], prompt.prompt) if clip_scorer else [None] * len(images)
+                results += [ImageResult(prompt.id, prompt.category, scale, g.seed, claims, c)
+                            for (g, claims), c in zip(judged, clip, strict=True)]
                 if prompt.id in sampled:
                     samples.append(Sample(prompt, scale, [(_thumbnail(g.image), image_correct(c))
                                                           for g, c in judged]))
@@ -208,7 +224,7 @@ def run_adherence(pipe: Pipeline, suite: Sequence[SuitePrompt], *, images_per_pr
     model = {"name": pipe.model.name, "hash": pipe.model.hash, "path": str(pipe.model.path)}
     params = {"images_per_prompt": images_per_prompt, "cfg": cfgs, "sampler": sampler,
               "scheduler": scheduler, "steps": steps, "seed": seed, "batch": batch,
-              "prompts": len(suite)}
+              "prompts": len(suite), "clip_score": clip_scorer is not None}
     return Report(suite_version, model, params, {p.id: p for p in suite}, results,
                   time.perf_counter() - start, samples)
 
@@ -226,22 +242,26 @@ def format_table(report: Report) -> str:
     categories = list(dict.fromkeys(r.category for r in report.results))
     scored = [c for c in categories if c not in EXCLUDED_FROM_OVERALL]
     excluded = [c for c in categories if c in EXCLUDED_FROM_OVERALL]
+    has_clip = any(r.clip_score is not None for r in report.results)
     if len(report.cfgs) == 1:
         counts = {c: sum(r.category == c for r in report.results) for c in categories}
         width = max(len(c) for c in [*categories, "overall (GenEval)"]) + 2
-        scores = report.scores()
-        lines = [f"{'category':<{width}}{'score':>7}{'images':>8}"]
-        lines += [f"{c:<{width}}{scores[c]:>7.3f}{counts[c]:>8}" for c in scored]
-        lines.append(f"{'overall (GenEval)':<{width}}{report.overall():>7.3f}")
-        lines += [f"{c + ' (excluded)':<{width}}{scores[c]:>7.3f}{counts[c]:>8}" for c in excluded]
+        scores, clip = report.scores(), report.clip_scores()
+        clip_cells = {c: f"{v:>7.1f}" for c, v in clip.items()}  # empty without CLIP scores
+        lines = [f"{'category':<{width}}{'score':>7}{'images':>8}" + ("   clip" if has_clip else "")]
+        lines += [f"{c:<{width}}{scores[c]:>7.3f}{counts[c]:>8}{clip_cells.get(c, '')}" for c in scored]
+        lines.append(f"{'overall (GenEval)':<{width}}{report.overall():>7.3f}"
+                     + (f"{'':>8}{overall_score(clip):>7.1f}" if has_clip else ""))
+        lines += [f"{c + ' (excluded)':<{width}}{scores[c]:>7.3f}{counts[c]:>8}{clip_cells.get(c, '')}"
+                  for c in excluded]
         return "\n".join(lines)
     columns = [*scored, "overall", *excluded]
-    header = "cfg".rjust(6) + "".join(f"  {c:>{max(len(c), 5)}}" for c in columns)
+    header = "cfg".rjust(6) + "".join(f"  {c:>{max(len(c), 5)}}" for c in columns) + ("   clip" if has_clip else "")
     rows = [header]
     for cfg in report.cfgs:
         values = {**report.scores(cfg), "overall": report.overall(cfg)}
-        rows.append(f"{cfg:>6g}" + "".join(f"  {values.get(c, math.nan):>{max(len(c), 5)}.3f}"
-                                           for c in columns))
+        rows.append(f"{cfg:>6g}" + "".join(f"  {values.get(c, math.nan):>{max(len(c), 5)}.3f}" for c in columns)
+                    + (f"  {overall_score(report.clip_scores(cfg)):>5.1f}" if has_clip else ""))
     return "\n".join(rows)
 
 
@@ -315,9 +335,11 @@ def parse_cfg_list(text: str) -> list[float]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", default="outputs/adherence", show_default=True, type=click.Path(file_okay=False))
 @click.option("--device", help="cpu | cuda | cuda:N | mps; default: best available.")
+@click.option("--clip-score/--no-clip-score", default=True, show_default=True,
+              help="Also score each image against its prompt with the built-in model's CLIP.")
 @user_errors
 def adherence_command(model, sampler, scheduler, steps, cfg_text, images_per_prompt, batch,
-                      suite_path, categories, limit, seed, out, device) -> None:
+                      suite_path, categories, limit, seed, out, device, clip_score) -> None:
     """Prompt adherence (GenEval-style) on the shapes world: table, JSON report, contact sheet."""
     from sfumato.params import canonical_sampler, canonical_scheduler
 
@@ -332,8 +354,14 @@ def adherence_command(model, sampler, scheduler, steps, cfg_text, images_per_pro
     pipe = sfumato.load(model, device=device)
     click.echo(f"model {pipe.model.name} [{pipe.model.hash}]  suite {version}  {len(suite)} prompts x "
                f"{images_per_prompt} images  {sampler} {scheduler} {steps} steps")
+    scorer = None
+    if clip_score:
+        from sfumato.world.clip_score import ClipScorer
+
+        scorer = ClipScorer()
     report = run_adherence(pipe, suite, images_per_prompt=images_per_prompt, cfg=cfgs, sampler=sampler,
-                           scheduler=scheduler, steps=steps, seed=seed, batch=batch, suite_version=version)
+                           scheduler=scheduler, steps=steps, seed=seed, batch=batch, suite_version=version,
+                           clip_scorer=scorer)
     click.echo(format_table(report))
     json_path, sheet_path = write_report(report, Path(out))
     images = len(report.results)
