@@ -90,15 +90,15 @@ def model_index(text_encoder_class: str = "CLIPTextModel") -> dict:
 def _save_clip_score_parts(clip_dir: Path, folder: Path, half: bool, keep_text: bool = False) -> int:
     """The CLIP model minus its text tower (that is text_encoder/): vision tower + projections.
     keep_text: the whole CLIP, where text_encoder/ is a tuned copy of its text tower that no longer
-    matches the vision tower's embedding space."""
-    from safetensors.torch import load_file, save_file
+    matches the vision tower's embedding space. clip_dir: a CLIP stage's folder or an assembled one."""
+    from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
     for name in ("config.json", "preprocessor_config.json"):
-        if (clip_dir / name).exists():
-            shutil.copy(clip_dir / name, folder / name)
-    weights = {k: v for k, v in load_file(clip_dir / "model.safetensors").items()
-               if keep_text or not k.startswith(TEXT_PREFIX)}
+        if (clip_dir / "clip" / name).exists():
+            shutil.copy(clip_dir / "clip" / name, folder / name)
+    # the whole CLIP, wherever its text tower lies (an assembled folder keeps it in text_encoder/)
+    weights = {k: v for k, v in saved_weights(clip_dir, "clip")[1].items() if keep_text or not k.startswith(TEXT_PREFIX)}
     save_file({k: (v.half() if half and k != "logit_scale" else v).contiguous() for k, v in weights.items()},
               folder / "model.safetensors", metadata={"format": "pt"})
     return sum(v.numel() for v in weights.values())
@@ -226,8 +226,7 @@ def assemble_model(vae_dir: Path, clip_dir: Path, unet_dir: Path, out: Path, *, 
         scheduler.save_pretrained(tmp / "scheduler")
         clip_params = 0
         if (clip_dir / "clip" / "model.safetensors").exists():
-            clip_params = _save_clip_score_parts(clip_dir / "clip", tmp / "clip", half["text_encoder"],
-                                                 keep_text=tuned_text)
+            clip_params = _save_clip_score_parts(clip_dir, tmp / "clip", half["text_encoder"], keep_text=tuned_text)
         (tmp / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
         samples = sorted((unet_dir / "samples").glob("unet_*.png"))
         if samples:
