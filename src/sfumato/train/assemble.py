@@ -264,7 +264,8 @@ def model_card(summary: dict, stages: dict, hardware: str) -> str:
         f"{', then tuned with the UNet' if unet.get('text_encoder_tuned') else ''}): {p['text_encoder']:,} parameters",
         f"- UNet (UNet2DConditionModel, EMA weights, {_figure(unet, 'prediction_type')}): {p['unet']:,} parameters",
         f"- Shipped total: {summary['shipped_params']:,} parameters, {summary['megabytes']} MB on disk",
-        f"- clip/: CLIP vision tower + projections for a CLIP score ({p['clip_vision_and_projections']:,} "
+        f"- clip/: CLIP vision tower + projections{' + its own text tower' if unet.get('text_encoder_tuned') else ''} "
+        f"for a CLIP score ({p['clip_vision_and_projections']:,} "
         "parameters; `sfumato.train.assemble.load_clip`); images in [-1, 1] at 128x128",
         f"- fp16 weights: {summary['fp16']} (RMS output change of fp16 rounding, relative to the output's std: "
         f"{summary['fp16_relative_error']})",
