@@ -508,6 +508,17 @@ def test_a_text_encoder_tuned_with_the_unet_is_saved_and_shipped(full_runs: Path
                for k, v in score_text.items())
     assert score_text and "then tuned with the UNet" in (model / "MODEL_CARD.md").read_text()
 
+    again = tmp_path / "again"  # an assembled folder as --unet: its text encoder is the tuned one, not the CLIP's
+    for unet, tuned_text in ((model, True), (full_runs / "builtin", False)):
+        result = CliRunner().invoke(train, ["assemble", "--vae", str(full_runs / "vae_full"), "--clip",
+                                            str(full_runs / "builtin"), "--unet", str(unet), "--out", str(again)],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        text = load_file(again / "text_encoder" / "model.safetensors")
+        assert all(torch.equal(v, load_file(unet / "text_encoder" / "model.safetensors")[k]) for k, v in text.items())
+        has_text = any(k.startswith("text_model.") for k in load_file(again / "clip" / "model.safetensors"))
+        assert has_text == tuned_text == ("then tuned with the UNet" in (again / "MODEL_CARD.md").read_text())
+
 
 def test_a_text_encoder_learning_rate_sets_its_own_parameter_group(tmp_path: Path):
     from sfumato.train.common import make_trainable, start_run

@@ -200,14 +200,28 @@ def grow_into(module: torch.nn.Module, weights: dict[str, torch.Tensor], source:
             block.proj_out.bias.zero_()
 
 
+def has_own_text_encoder(unet_dir: Path, clip_dir: Path) -> bool:
+    """Whether the UNet was trained with a text encoder other than the CLIP's: a UNet stage that tuned it
+    (text_encoder_lr) saved it beside the UNet, and an assembled folder always holds one, so compare."""
+    from safetensors.torch import load_file
+
+    own = unet_dir / "text_encoder" / "model.safetensors"
+    if not own.exists():
+        return False
+    clip_text = load_file(stage_folder(clip_dir, "text_encoder") / "model.safetensors")
+    clip_text = {k.removeprefix(TEXT_PREFIX): v for k, v in clip_text.items()}
+    # an assembled copy may be fp16: the same weights rounded are not another text encoder
+    return any(not torch.equal(v.half(), clip_text[k.removeprefix(TEXT_PREFIX)].half())
+               for k, v in load_file(own).items())
+
+
 def assemble_model(vae_dir: Path, clip_dir: Path, unet_dir: Path, out: Path, *, hardware: str = "") -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     unet = UNet2DConditionModel.from_pretrained(stage_folder(unet_dir, "unet")).eval()
     vae = AutoencoderKL.from_pretrained(stage_folder(vae_dir, "vae")).eval()
-    # a UNet stage that tuned the text encoder (text_encoder_lr) saved its own beside the UNet
-    tuned_text = (unet_dir / "text_encoder" / "config.json").exists()
+    tuned_text = has_own_text_encoder(unet_dir, clip_dir)
     text_encoder = CLIPTextModel.from_pretrained(stage_folder(unet_dir if tuned_text else clip_dir,
                                                              "text_encoder")).eval()
     if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
@@ -234,6 +248,7 @@ def assemble_model(vae_dir: Path, clip_dir: Path, unet_dir: Path, out: Path, *, 
         params = {"unet": param_count(unet), "vae": param_count(vae), "text_encoder": param_count(text_encoder),
                   "clip_vision_and_projections": clip_params}
         summary = {"params": params, "shipped_params": params["unet"] + params["vae"] + params["text_encoder"],
+                   "text_encoder_tuned": tuned_text,
                    "fp16": half, "fp16_relative_error": {k: float(f"{v:.2e}") for k, v in errors.items()}}
         stages = {"vae": _read_metrics(vae_dir), "clip": _read_metrics(clip_dir), "unet": _read_metrics(unet_dir)}
         summary["megabytes"] = round(sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 1e6, 2)
@@ -261,10 +276,10 @@ def model_card(summary: dict, stages: dict, hardware: str) -> str:
         "",
         f"- VAE (AutoencoderKL): {p['vae']:,} parameters, scaling_factor {_figure(vae, 'scaling_factor', '{:.4f}')}",
         f"- Text encoder (CLIPTextModel, the text tower of a CLIP trained here"
-        f"{', then tuned with the UNet' if unet.get('text_encoder_tuned') else ''}): {p['text_encoder']:,} parameters",
+        f"{', then tuned with the UNet' if summary.get('text_encoder_tuned') else ''}): {p['text_encoder']:,} parameters",
         f"- UNet (UNet2DConditionModel, EMA weights, {_figure(unet, 'prediction_type')}): {p['unet']:,} parameters",
         f"- Shipped total: {summary['shipped_params']:,} parameters, {summary['megabytes']} MB on disk",
-        f"- clip/: CLIP vision tower + projections{' + its own text tower' if unet.get('text_encoder_tuned') else ''} "
+        f"- clip/: CLIP vision tower + projections{' + its own text tower' if summary.get('text_encoder_tuned') else ''} "
         f"for a CLIP score ({p['clip_vision_and_projections']:,} "
         "parameters; `sfumato.train.assemble.load_clip`); images in [-1, 1] at 128x128",
         f"- fp16 weights: {summary['fp16']} (RMS output change of fp16 rounding, relative to the output's std: "
