@@ -175,10 +175,11 @@ def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
         load_saved(unet, run.init_from, "unet", grow=r.get("init_grows", False))
     # text_encoder_lr: the diffusion loss tunes the text encoder too (a contrastive CLIP spreads
     # colour words through the caption's states and shape words hardly at all: session 17)
-    tune_text = r.get("text_encoder_lr", 0.0) > 0
+    text_lr = r.get("text_encoder_lr", 0.0)
+    tune_text = text_lr > 0
     text_encoder.requires_grad_(tune_text)
-    t = make_trainable(run, TextConditionedUNet(unet, text_encoder),  # after loading: the EMA starts from those
-                       {"text_encoder": r.get("text_encoder_lr", 0.0) / r["lr"]})
+    # after loading: the EMA starts from those weights
+    t = make_trainable(run, TextConditionedUNet(unet, text_encoder), {"text_encoder": text_lr / r["lr"]})
 
     def make_batch(step: int) -> dict:
         rng = run.numpy_rng(step)

@@ -37,9 +37,11 @@ class ClipScorer:
         import torch
         from PIL import Image
 
+        from sfumato.train.data import to_model_images
+
         arrays = [np.asarray(im.convert("RGB").resize((self.size, self.size), Image.Resampling.BICUBIC))
                   for im in images]
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        return to_model_images(np.stack(arrays), torch.device("cpu"))
 
     def __call__(self, images: list[Image.Image], prompt: str) -> list[float]:
         import torch
