@@ -479,6 +479,18 @@ def test_a_pool_on_the_grid_is_the_same_pool_snapped_by_workers_or_not():
     assert by_workers == scenes
 
 
+def test_a_pool_with_a_simple_share_holds_about_that_share_of_simple_scenes():
+    from sfumato.train.data import render_pool
+    from sfumato.world.scenes import is_simple
+
+    images, scenes = render_pool(5, 1024, "train", 16, workers=1, simple_share=0.5)
+    assert 0.45 < np.mean([is_simple(s) for s in scenes]) < 0.6  # ~0.5, plus the usual mix's few simple ones
+    _, by_workers = render_pool(5, 1024, "train", 16, workers=2, simple_share=0.5)
+    assert by_workers == scenes
+    _, usual = render_pool(5, 1024, "train", 16, workers=1)
+    assert np.mean([is_simple(s) for s in usual]) < 0.05
+
+
 def test_a_text_encoder_tuned_with_the_unet_is_saved_and_shipped(full_runs: Path, assembled: Path, tmp_path: Path):
     from safetensors.torch import load_file
 
@@ -529,3 +541,38 @@ def test_a_text_encoder_learning_rate_sets_its_own_parameter_group(tmp_path: Pat
     groups = make_trainable(run, module, {"text_encoder": 0.25}).optimizer.param_groups
     sizes = {g["lr_scale"]: sum(p.numel() for p in g["params"]) for g in groups}
     assert sizes == {1.0: 6, 0.25: 9}
+
+
+def test_cached_caption_states_are_the_text_encoders_states_of_varied_captions(full_runs: Path):
+    from transformers import CLIPTextModel
+
+    from sfumato.train.data import load_tokenizer, random_captions
+    from sfumato.train.unet import CACHE_KEY, caption_states, text_hidden
+    from sfumato.world import sample_scenes
+
+    text_encoder = CLIPTextModel.from_pretrained(full_runs / "clip_full" / "text_encoder").eval()
+    tokenizer, scenes = load_tokenizer(), sample_scenes(0, 3)
+    states = caption_states(text_encoder, tokenizer, scenes, 5, 2, torch.device("cpu"), batch=4)
+    assert states.shape == (3 * 2 + 1, 77, text_encoder.config.hidden_size) and states.dtype == torch.float16
+    for k in range(2):
+        expected = text_hidden(text_encoder, tokenizer, random_captions(scenes, 5, CACHE_KEY, k), torch.device("cpu"))
+        torch.testing.assert_close(states[k:-1:2].float(), expected, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(states[-1].float(), text_hidden(text_encoder, tokenizer, [""], torch.device("cpu"))[0],
+                               rtol=2e-3, atol=2e-3)
+    assert not torch.equal(states[0], states[1])  # a scene's two captions are worded differently
+
+
+def test_a_run_on_cached_caption_states_resumes_exactly_and_needs_a_frozen_text_encoder(full_runs: Path,
+                                                                                        tmp_path: Path):
+    recipe = tmp_path / "cached.toml"
+    recipe.write_text('base = "tiny_unet"\ncaption_cache = 2\n')
+    full, resumed = full_runs / "unet_cached", full_runs / "unet_cached_resumed"
+    run_stage("unet", full, "--config", str(recipe), "--steps", "3")
+    run_stage("unet", resumed, "--config", str(recipe), "--steps", "2")
+    run_stage("unet", resumed, "--config", str(recipe), "--steps", "3", "--resume")
+    assert checkpoint(resumed)["losses"] == checkpoint(full)["losses"]
+    assert checkpoint(full)["losses"] != checkpoint(full_runs / "unet_full")["losses"][:3]  # other captions' states
+    recipe.write_text('base = "tiny_unet"\ncaption_cache = 2\ntext_encoder_lr = 1e-4\n')
+    message = user_error(["unet", "--config", str(recipe), "--out", str(tmp_path / "bad"), "--device", "cpu",
+                          "--vae", str(full_runs / "vae_full"), "--clip", str(full_runs / "clip_full")])
+    assert "caption_cache" in message and "frozen" in message

@@ -122,3 +122,14 @@ def test_relations_are_exclusive_and_mirror_each_other():
                     assert relation_holds(a, b, rel) == relation_holds(b, a, other)
                     if relation_holds(a, b, rel):
                         assert not relation_holds(a, b, other, strict=False)
+
+
+def test_a_simple_scene_is_one_large_plain_object_on_a_plain_colour():
+    from sfumato.world.scenes import ObjectSpec, Scene, is_simple
+
+    star = ObjectSpec("star", "red", "large", 0.5, 0.5)
+    assert is_simple(Scene("white", (star,)))
+    assert not is_simple(Scene("night", (star,)))  # a sky is not a plain colour
+    assert not is_simple(Scene("white", (ObjectSpec("star", "red", "medium", 0.5, 0.5),)))
+    assert not is_simple(Scene("white", (ObjectSpec("star", "red", "large", 0.5, 0.5, "striped"),)))
+    assert not is_simple(Scene("white", (star, ObjectSpec("ring", "blue", "small", 0.1, 0.1))))

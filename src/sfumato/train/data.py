@@ -32,8 +32,8 @@ def _render_range(args: tuple) -> list:
     rows start..stop of the array file `path` (no pickling of gigabytes back to the parent)."""
     from sfumato.world import render
 
-    seed, start, stop, split, size, path, n, grid = args
-    scenes = _scenes(seed, range(start, stop), split, grid)
+    seed, start, stop, split, size, path, n, grid, simple_share = args
+    scenes = _scenes(seed, range(start, stop), split, grid, simple_share)
     rows = np.memmap(path, np.uint8, "r+", shape=(n, size, size, 3))
     for i, scene in enumerate(scenes):
         rows[start + i] = render(scene, size)
@@ -41,17 +41,28 @@ def _render_range(args: tuple) -> list:
     return scenes
 
 
-def _scenes(seed: int, indices: range, split: str, grid: int) -> list:
-    from sfumato.world.scenes import sample_scene, scene_rng, snap_to_grid
+def _scene(seed: int, index: int, split: str, simple_share: float):
+    """Scene `index` of the stream; with probability simple_share (decided by its own rng) a simple one."""
+    from sfumato.world.scenes import is_simple, sample_scene, scene_rng
 
-    scenes = [sample_scene(scene_rng(seed, i), split) for i in indices]
+    rng = scene_rng(seed, index)
+    if simple_share and rng.random() < simple_share:
+        return next(scene for scene in iter(lambda: sample_scene(rng, split), None) if is_simple(scene))
+    return sample_scene(rng, split)
+
+
+def _scenes(seed: int, indices: range, split: str, grid: int, simple_share: float = 0.0) -> list:
+    from sfumato.world.scenes import snap_to_grid
+
+    scenes = [_scene(seed, i, split, simple_share) for i in indices]
     return [snap_to_grid(scene, grid) for scene in scenes] if grid else scenes
 
 
 def render_pool(seed: int, n: int, split: str, size: int, workers: int = 0,
-                grid: int = 0) -> tuple[np.ndarray, list]:
+                grid: int = 0, simple_share: float = 0.0) -> tuple[np.ndarray, list]:
     """Scenes 0..n-1 of `split` and their images, (n, size, size, 3) uint8, by a process pool;
-    `grid`: objects moved onto a grid x grid lattice (world.scenes.snap_to_grid).
+    `grid`: objects moved onto a grid x grid lattice (world.scenes.snap_to_grid); `simple_share`:
+    about that share of the scenes are simple ones (world.scenes.is_simple) instead.
 
     Rendering once into memory keeps a GPU fed: a training step only gathers rows.
     """
@@ -59,14 +70,14 @@ def render_pool(seed: int, n: int, split: str, size: int, workers: int = 0,
 
     workers = workers or len(os.sched_getaffinity(0))
     if workers <= 1 or n < 1024:
-        scenes = _scenes(seed, range(n), split, grid)
+        scenes = _scenes(seed, range(n), split, grid, simple_share)
         return np.stack([render(scene, size) for scene in scenes]), scenes
     # A file, not /dev/shm: containers often give shared memory only a few MB.
     with tempfile.TemporaryDirectory(prefix="sfumato-render-") as folder:
         path = os.path.join(folder, "pool.u8")
         np.memmap(path, np.uint8, "w+", shape=(n, size, size, 3)).flush()
         chunk = math.ceil(n / (workers * 4))
-        jobs = [(seed, i, min(n, i + chunk), split, size, path, n, grid) for i in range(0, n, chunk)]
+        jobs = [(seed, i, min(n, i + chunk), split, size, path, n, grid, simple_share) for i in range(0, n, chunk)]
         # forkserver: a CUDA context in the parent must not be forked.
         with multiprocessing.get_context("forkserver").Pool(workers) as pool:
             scenes = [scene for part in pool.map(_render_range, jobs) for scene in part]
