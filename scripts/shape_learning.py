@@ -6,6 +6,7 @@
 Trains a UNet of a recipe's size (default: the shipped one's) from scratch on one CPU thread, on the
 candidate VAE's latents and its frozen text encoder, on a scene mix:
   white   one large plain object on white, captioned "a large C S on a white background"
+  white-worded  the same scenes with the world's captions (varied wording and word order)
   simple  world.scenes.is_simple scenes (one large plain object on a plain colour), world captions
   one     the world's one-object scenes with a medium or large object (patterns, skies), world captions
   full    the world's usual mix
@@ -59,7 +60,9 @@ def training_scenes(mix: str, n: int, seed: int) -> tuple[list[Scene], list[list
     if mix == "white":
         scenes = [snap_to_grid(s, 16) for s in white_scenes(n, seed)]
         return scenes, [[white_caption(s)] for s in scenes]
-    if mix == "full":
+    if mix == "white-worded":
+        scenes = white_scenes(n, seed)
+    elif mix == "full":
         scenes = sample_scenes(seed, n)
     else:
         keep = is_simple if mix == "simple" else (lambda s: len(s.objects) == 1 and s.objects[0].size != "small")
@@ -89,7 +92,7 @@ def shape_scores(unet, text_encoder, tokenizer, vae, scheduler, out: Path, step:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mix", choices=["white", "simple", "one", "full"], default="white")
+    parser.add_argument("--mix", choices=["white", "white-worded", "simple", "one", "full"], default="white")
     parser.add_argument("--out", required=True)
     parser.add_argument("--minutes", type=float, default=25)
     parser.add_argument("--eval-every", type=float, default=5, help="minutes")

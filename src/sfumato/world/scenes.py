@@ -304,9 +304,11 @@ def sample_scenes(seed: int, n: int, split: str = "train") -> list[Scene]:
 
 
 def is_simple(scene: Scene) -> bool:
-    """One large plain object on a plain colour. From scratch, a UNet learns to draw the shapes of
-    such scenes in ~100k samples, where on the world's usual mix (several objects, small ones,
-    patterns, skies) it draws blobs after 300k (session 20): the scenes its shapes are learnt from."""
+    """One large plain object on a plain colour: the world's easiest scenes to learn shapes from
+    (`data.simple_share` in a UNet recipe). From scratch, a UNet of the shipped size learns to draw
+    the shapes of one large object on white, always captioned alike, in ~100k samples, where on the
+    world's usual mix (several objects, small ones, patterns, skies) it draws blobs after 300k
+    (session 20; scripts/shape_learning.py)."""
     (obj, *others) = scene.objects
     return not others and obj.size == "large" and obj.pattern == "plain" and scene.background in COLORS
 
