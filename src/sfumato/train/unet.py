@@ -186,8 +186,7 @@ def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
     if per_scene and text_lr > 0:
         raise SfumatoError("caption_cache needs a frozen text encoder: set text_encoder_lr = 0 or caption_cache = 0")
     # data.grid: training scenes with their objects on the latent grid (world.scenes.snap_to_grid);
-    # data.simple_share: that share of them simple scenes (world.scenes.is_simple), whose shapes a
-    # UNet learns in a fraction of the samples the usual mix takes
+    # data.simple_share: about that share of them simple scenes (world.scenes.is_simple; session 20)
     pool, scenes = render_pool(run.seed, data["train_scenes"], "train", data["size"], data.get("workers", 0),
                                data.get("grid", 0), data.get("simple_share", 0.0))
     vae, text_encoder = load_frozen(vae_dir, clip_dir, run.device)
