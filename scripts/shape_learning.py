@@ -30,14 +30,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from sfumato.train.common import denoising_loss, load_recipe, offset_noise
-from sfumato.train.data import load_tokenizer, random_captions, tokenize
-from sfumato.train.unet import build_scheduler, build_unet, encode_latents, generate, load_frozen
+from sfumato.train.common import denoising_loss, load_recipe, offset_noise, save_grid
+from sfumato.train.data import load_tokenizer, random_captions, render_pool
+from sfumato.train.unet import (
+    build_scheduler,
+    build_unet,
+    encode_latents,
+    generate,
+    load_frozen,
+    text_hidden,
+)
 from sfumato.world import render, sample_scenes
 from sfumato.world.analyzer import detect
-from sfumato.world.scenes import ObjectSpec, Scene, is_simple, snap_to_grid, vocabulary
+from sfumato.world.scenes import ObjectSpec, Scene, snap_to_grid, vocabulary
 
 COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "gray", "cyan"]
 
@@ -55,24 +61,21 @@ def white_caption(scene: Scene) -> str:
     return f"a large {obj.color} {obj.shape} on a white background"
 
 
-def training_scenes(mix: str, n: int, seed: int) -> tuple[list[Scene], list[list[str]]]:
-    """n scenes of the mix on the 16x16 latent grid, and 4 captions of each."""
-    if mix == "white":
-        scenes = [snap_to_grid(s, 16) for s in white_scenes(n, seed)]
-        return scenes, [[white_caption(s)] for s in scenes]
-    if mix == "white-worded":
-        scenes = white_scenes(n, seed)
-    elif mix == "full":
-        scenes = sample_scenes(seed, n)
+def training_pool(mix: str, n: int, seed: int) -> tuple[np.ndarray, list[Scene], list[list[str]]]:
+    """n scenes of the mix on the 16x16 latent grid, their renders, and the captions of each (4 of
+    the world's, or the white mix's one)."""
+    if mix in ("simple", "full"):  # as the trainer draws them (data.simple_share)
+        pixels, scenes = render_pool(seed, n, "train", 128, workers=1, grid=16, simple_share=float(mix == "simple"))
     else:
-        keep = is_simple if mix == "simple" else (lambda s: len(s.objects) == 1 and s.objects[0].size != "small")
-        scenes, index = [], 0
-        while len(scenes) < n:
-            scenes += [s for s in sample_scenes(seed + index, 4 * n) if keep(s)]
-            index += 1
-        scenes = scenes[:n]
-    scenes = [snap_to_grid(s, 16) for s in scenes]
-    return scenes, [list(c) for c in zip(*(random_captions(scenes, seed, k) for k in range(4)), strict=True)]
+        if mix == "one":
+            scenes = [s for s in sample_scenes(seed, 8 * n) if len(s.objects) == 1 and s.objects[0].size != "small"][:n]
+        else:
+            scenes = white_scenes(n, seed)
+        scenes = [snap_to_grid(s, 16) for s in scenes]
+        pixels = np.stack([render(s, 128) for s in scenes])
+    if mix == "white":
+        return pixels, scenes, [[white_caption(s)] for s in scenes]
+    return pixels, scenes, [list(c) for c in zip(*(random_captions(scenes, seed, k) for k in range(4)), strict=True)]
 
 
 def shape_scores(unet, text_encoder, tokenizer, vae, scheduler, out: Path, step: int) -> dict:
@@ -81,12 +84,11 @@ def shape_scores(unet, text_encoder, tokenizer, vae, scheduler, out: Path, step:
                for j in range(6) for i, s in enumerate(shapes)]
     images = torch.cat([generate(unet, text_encoder, tokenizer, vae, scheduler, prompts[k : k + 16], steps=20,
                                  guidance=5.0, seed=k) for k in range(0, len(prompts), 16)])
+    save_grid(images, out / f"sheet_{step:06d}.png", ncols=len(shapes))
     pixels = ((images.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
     found = [detect(p)[1] for p in pixels]
     one = [len(f) == 1 for f in found]
     right = [len(f) == 1 and f[0].shape == prompt.split()[3] for f, prompt in zip(found, prompts, strict=True)]
-    rows = [np.concatenate(list(pixels[r : r + len(shapes)]), 1) for r in range(0, len(pixels), len(shapes))]
-    Image.fromarray(np.concatenate(rows, 0)).save(out / f"sheet_{step:06d}.png")
     return {"one_object": round(float(np.mean(one)), 3), "shape_right": round(float(np.mean(right)), 3)}
 
 
@@ -109,12 +111,10 @@ def main() -> None:
     recipe = load_recipe(args.recipe, gpu=False)
     vae, text_encoder = load_frozen(Path(args.model), Path(args.model), device)
     tokenizer = load_tokenizer()
-    scenes, captions = training_scenes(args.mix, args.scenes, args.seed)
-    mean, std = encode_latents(vae, np.stack([render(s, 128) for s in scenes]), device)
+    pixels, scenes, captions = training_pool(args.mix, args.scenes, args.seed)
+    mean, std = encode_latents(vae, pixels, device)
     texts = sorted({c for row in captions for c in row}) + [""]
-    with torch.no_grad():
-        states = torch.cat([text_encoder(tokenize(tokenizer, texts[k : k + 256])).last_hidden_state
-                            for k in range(0, len(texts), 256)])
+    states = torch.cat([text_hidden(text_encoder, tokenizer, texts[k : k + 256], device) for k in range(0, len(texts), 256)])
     where = {c: i for i, c in enumerate(texts)}
     caption_rows = [[where[c] for c in row] for row in captions]
     scheduler = build_scheduler("epsilon")

@@ -46,9 +46,11 @@ def _scene(seed: int, index: int, split: str, simple_share: float):
     from sfumato.world.scenes import is_simple, sample_scene, scene_rng
 
     rng = scene_rng(seed, index)
-    if simple_share and rng.random() < simple_share:
-        return next(scene for scene in iter(lambda: sample_scene(rng, split), None) if is_simple(scene))
-    return sample_scene(rng, split)
+    simple = simple_share and rng.random() < simple_share
+    scene = sample_scene(rng, split)
+    while simple and not is_simple(scene):
+        scene = sample_scene(rng, split)
+    return scene
 
 
 def _scenes(seed: int, indices: range, split: str, grid: int, simple_share: float = 0.0) -> list:
