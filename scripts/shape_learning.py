@@ -6,8 +6,10 @@
 Trains a UNet of a recipe's size (default: the shipped one's) from scratch on one CPU thread, on the
 candidate VAE's latents and its frozen text encoder, on a scene mix:
   white   one large plain object on white, captioned "a large C S on a white background"
+          (world.captions.plain_caption)
   white-worded  the same scenes with the world's captions (varied wording and word order)
   simple  world.scenes.is_simple scenes (one large plain object on a plain colour), world captions
+  half    half simple scenes, half the world's usual mix (the trainer's data.simple_share = 0.5)
   one     the world's one-object scenes with a medium or large object (patterns, skies), world captions
   full    the world's usual mix
 Every --eval-every minutes it asks the EMA weights for each training shape, large, on white (6 seeds,
@@ -15,7 +17,12 @@ DDIM 20 steps, CFG 5), and prints a JSON line: samples seen, the share of images
 and the share whose one object the analyzer calls the shape asked for (chance: 1/8); it saves the
 images as sheet_STEP.png (a column per shape). Session 20: after 117k samples, white 0.53, while on
 one the shapes were still blobs (0.10 after 69k samples, white 0.31 there); measured by this script's
-first version, which warmed up over 100 steps instead of the recipe's 200.
+first version, which warmed up over 100 steps instead of the recipe's 200 and drew its white scenes
+itself (held-out shape/colour pairs among them); since session 21 every mix is drawn as the trainer
+draws it (train.data.SceneMix).
+
+--init starts from an earlier run's out/unet (its EMA weights, saved at each evaluation): a curriculum's
+later stage.
 
 A bare training loop rather than `sfumato train unet`: each mix's captions are encoded once, and the
 curve is measured on the run's own clock.
@@ -30,9 +37,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import UNet2DConditionModel
 
 from sfumato.train.common import denoising_loss, load_recipe, offset_noise, save_grid
-from sfumato.train.data import load_tokenizer, random_captions, render_pool
+from sfumato.train.data import SceneMix, load_tokenizer, random_captions, render_pool
 from sfumato.train.unet import (
     build_scheduler,
     build_unet,
@@ -43,39 +51,31 @@ from sfumato.train.unet import (
 )
 from sfumato.world import render, sample_scenes
 from sfumato.world.analyzer import detect
-from sfumato.world.scenes import ObjectSpec, Scene, snap_to_grid, vocabulary
+from sfumato.world.scenes import Scene, snap_to_grid, vocabulary
 
 COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "gray", "cyan"]
-
-
-def white_scenes(n: int, seed: int) -> list[Scene]:
-    rng = np.random.default_rng(seed)
-    shapes = vocabulary("train")[0]
-    return [Scene("white", (ObjectSpec(str(rng.choice(shapes)), str(rng.choice(COLORS)), "large",
-                                       float(rng.uniform(0.25, 0.75)), float(rng.uniform(0.25, 0.75))),))
-            for _ in range(n)]
-
-
-def white_caption(scene: Scene) -> str:
-    obj = scene.objects[0]
-    return f"a large {obj.color} {obj.shape} on a white background"
+MIXES = {  # name: (the pool's scenes, caption style)
+    "white": (SceneMix(16, 1.0, ("white",)), "plain"),
+    "white-worded": (SceneMix(16, 1.0, ("white",)), "world"),
+    "simple": (SceneMix(16, 1.0), "world"),
+    "half": (SceneMix(16, 0.5), "world"),
+    "one": (SceneMix(16), "world"),
+    "full": (SceneMix(16), "world"),
+}
 
 
 def training_pool(mix: str, n: int, seed: int) -> tuple[np.ndarray, list[Scene], list[list[str]]]:
-    """n scenes of the mix on the 16x16 latent grid, their renders, and the captions of each (4 of
-    the world's, or the white mix's one)."""
-    if mix in ("simple", "full"):  # as the trainer draws them (data.simple_share)
-        pixels, scenes = render_pool(seed, n, "train", 128, workers=1, grid=16, simple_share=float(mix == "simple"))
-    else:
-        if mix == "one":
-            scenes = [s for s in sample_scenes(seed, 8 * n) if len(s.objects) == 1 and s.objects[0].size != "small"][:n]
-        else:
-            scenes = white_scenes(n, seed)
+    """n scenes of the mix on the 16x16 latent grid, drawn as the trainer draws them, their renders,
+    and the captions of each (4 of the world's, or the one plain caption)."""
+    scenes_of, style = MIXES[mix]
+    if mix == "one":
+        scenes = [s for s in sample_scenes(seed, 8 * n) if len(s.objects) == 1 and s.objects[0].size != "small"][:n]
         scenes = [snap_to_grid(s, 16) for s in scenes]
         pixels = np.stack([render(s, 128) for s in scenes])
-    if mix == "white":
-        return pixels, scenes, [[white_caption(s)] for s in scenes]
-    return pixels, scenes, [list(c) for c in zip(*(random_captions(scenes, seed, k) for k in range(4)), strict=True)]
+    else:
+        pixels, scenes = render_pool(seed, n, "train", 128, workers=1, mix=scenes_of)
+    keys = range(1 if style == "plain" else 4)
+    return pixels, scenes, [list(c) for c in zip(*(random_captions(scenes, seed, k, style=style) for k in keys), strict=True)]
 
 
 def shape_scores(unet, text_encoder, tokenizer, vae, scheduler, out: Path, step: int) -> dict:
@@ -94,7 +94,7 @@ def shape_scores(unet, text_encoder, tokenizer, vae, scheduler, out: Path, step:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mix", choices=["white", "white-worded", "simple", "one", "full"], default="white")
+    parser.add_argument("--mix", choices=list(MIXES), default="white")
     parser.add_argument("--out", required=True)
     parser.add_argument("--minutes", type=float, default=25)
     parser.add_argument("--eval-every", type=float, default=5, help="minutes")
@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--recipe", default="unet", help="the UNet's size and learning rate come from it")
     parser.add_argument("--model", default="train_checkpoints/candidate", help="the VAE and text encoder")
     parser.add_argument("--min-snr", type=float, default=0.0)
+    parser.add_argument("--lr", type=float, help="default: the recipe's")
+    parser.add_argument("--init", help="a UNet folder to start from (a curriculum's earlier stage) instead of noise")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -118,8 +120,12 @@ def main() -> None:
     where = {c: i for i, c in enumerate(texts)}
     caption_rows = [[where[c] for c in row] for row in captions]
     scheduler = build_scheduler("epsilon")
-    unet = build_unet(recipe["model"], text_encoder.config.hidden_size, mean.shape[-1])
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    if args.init:
+        unet = UNet2DConditionModel.from_pretrained(args.init)
+    else:
+        unet = build_unet(recipe["model"], text_encoder.config.hidden_size, mean.shape[-1])
+    lr = args.lr or recipe["lr"]
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=recipe["weight_decay"])
     from diffusers.training_utils import EMAModel
 
     ema = EMAModel(unet.parameters(), decay=recipe["ema_decay"], use_ema_warmup=True, power=2 / 3)
@@ -132,6 +138,7 @@ def main() -> None:
             ema.store(unet.parameters())
             ema.copy_to(unet.parameters())
             scores = shape_scores(unet.eval(), text_encoder, tokenizer, vae, scheduler, out, step)
+            unet.save_pretrained(out / "unet")  # the EMA weights: a later stage's --init
             ema.restore(unet.parameters())
             unet.train()
             print(json.dumps({"step": step, "samples": step * batch, "minutes": round(minutes, 1),
@@ -152,7 +159,7 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), recipe["grad_clip"])
         for group in optimizer.param_groups:
-            group["lr"] = recipe["lr"] * min(1.0, (step + 1) / recipe["warmup_steps"])
+            group["lr"] = lr * min(1.0, (step + 1) / recipe["warmup_steps"])
         optimizer.step()
         ema.step(unet.parameters())
         losses.append(loss.item())

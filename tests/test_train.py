@@ -467,28 +467,45 @@ def test_clip_trains_with_hard_negatives(tmp_path):
 
 
 def test_a_pool_on_the_grid_is_the_same_pool_snapped_by_workers_or_not():
-    from sfumato.train.data import render_pool
+    from sfumato.train.data import SceneMix, render_pool
     from sfumato.world import render
     from sfumato.world.scenes import snap_to_grid
 
     plain_images, plain = render_pool(5, 1024, "train", 16, workers=1)
-    images, scenes = render_pool(5, 1024, "train", 16, workers=1, grid=16)
+    images, scenes = render_pool(5, 1024, "train", 16, workers=1, mix=SceneMix(grid=16))
     assert scenes == [snap_to_grid(s, 16) for s in plain]
     assert (images[3] == render(scenes[3], 16)).all() and not (images == plain_images).all()
-    _, by_workers = render_pool(5, 1024, "train", 16, workers=2, grid=16)
+    _, by_workers = render_pool(5, 1024, "train", 16, workers=2, mix=SceneMix(grid=16))
     assert by_workers == scenes
 
 
 def test_a_pool_with_a_simple_share_holds_about_that_share_of_simple_scenes():
-    from sfumato.train.data import render_pool
+    from sfumato.train.data import SceneMix, render_pool
     from sfumato.world.scenes import is_simple
 
-    images, scenes = render_pool(5, 1024, "train", 16, workers=1, simple_share=0.5)
+    images, scenes = render_pool(5, 1024, "train", 16, workers=1, mix=SceneMix(simple_share=0.5))
     assert 0.45 < np.mean([is_simple(s) for s in scenes]) < 0.6  # ~0.5, plus the usual mix's few simple ones
-    _, by_workers = render_pool(5, 1024, "train", 16, workers=2, simple_share=0.5)
+    _, by_workers = render_pool(5, 1024, "train", 16, workers=2, mix=SceneMix(simple_share=0.5))
     assert by_workers == scenes
     _, usual = render_pool(5, 1024, "train", 16, workers=1)
     assert np.mean([is_simple(s) for s in usual]) < 0.05
+    _, white = render_pool(5, 64, "train", 16, workers=1, mix=SceneMix(simple_share=1.0, simple_backgrounds=("white",)))
+    assert all(is_simple(s) and s.background == "white" for s in white)
+    assert len({s.objects[0].shape for s in white}) == 8 and len({s.objects[0].color for s in white}) >= 8
+
+
+def test_plain_captions_name_every_detail_the_same_way_each_time():
+    from sfumato.train.data import random_captions
+    from sfumato.world import sample_scenes
+    from sfumato.world.scenes import ObjectSpec, Scene
+
+    star = Scene("white", (ObjectSpec("star", "red", "large", 0.5, 0.5),))
+    assert random_captions([star], 0, 1, style="plain") == ["a large red star on a white background"]
+    scenes = sample_scenes(3, 20)
+    assert random_captions(scenes, 0, 1, style="plain") == random_captions(scenes, 0, 2, style="plain")
+    assert random_captions(scenes, 0, 1) != random_captions(scenes, 0, 2)  # the world's: new words each time
+    with pytest.raises(SfumatoError, match="caption style 'fancy'.*allowed: world, plain"):
+        random_captions([star], 0, style="fancy")
 
 
 def test_a_text_encoder_tuned_with_the_unet_is_saved_and_shipped(full_runs: Path, assembled: Path, tmp_path: Path):
@@ -576,3 +593,18 @@ def test_a_run_on_cached_caption_states_resumes_exactly_and_needs_a_frozen_text_
     message = user_error(["unet", "--config", str(recipe), "--out", str(tmp_path / "bad"), "--device", "cpu",
                           "--vae", str(full_runs / "vae_full"), "--clip", str(full_runs / "clip_full")])
     assert "caption_cache" in message and "frozen" in message
+
+
+def test_a_run_on_plain_captions_of_white_scenes_trains_and_a_bad_style_is_refused(full_runs: Path, tmp_path: Path):
+    recipe = tmp_path / "white.toml"
+    white = '[data]\nsimple_share = 1.0\nsimple_backgrounds = ["white"]\n'
+    recipe.write_text(f'base = "tiny_unet"\ncaption_cache = 1\n{white}captions = "plain"\n')
+    out = full_runs / "unet_white"
+    run_stage("unet", out, "--config", str(recipe), "--steps", "2")
+    assert len(checkpoint(out)["losses"]) == 2 and (out / "unet" / "config.json").exists()
+    for data, wrong in (('captions = "fancy"', "caption style 'fancy'"),
+                        ('simple_share = 1.0\nsimple_backgrounds = ["sky"]', "not sky")):
+        recipe.write_text(f'base = "tiny_unet"\n[data]\n{data}\n')
+        message = user_error(["unet", "--config", str(recipe), "--out", str(tmp_path / "bad"), "--device", "cpu",
+                              "--vae", str(full_runs / "vae_full"), "--clip", str(full_runs / "clip_full")])
+        assert wrong in message and "allowed" in message

@@ -13,6 +13,7 @@ from sfumato.world.captions import (
     check,
     describe,
     full_expectation,
+    plain_caption,
 )
 from sfumato.world.scenes import COLORS, SPLITS, ObjectSpec, Scene, sample_scene, sample_scenes
 
@@ -102,3 +103,11 @@ def test_swap_word_swaps_the_first_word_of_its_kind_in_the_same_number():
     assert single.startswith("a green ") and single.removeprefix("a green ") in SHAPES
     assert single != "a green star"
     assert swap_word("a plain blue background", SHAPES, rng) is None
+
+
+def test_a_plain_caption_names_every_object_and_the_background_in_one_wording():
+    star = ObjectSpec("star", "red", "large", 0.5, 0.5)
+    assert plain_caption(Scene("white", (star,))) == "a large red star on a white background"
+    night = Scene("night", (ObjectSpec("ring", "orange", "small", 0.2, 0.2),
+                            ObjectSpec("square", "pink", "medium", 0.7, 0.7, "striped"), star))
+    assert plain_caption(night) == "a small orange ring, a medium pink striped square and a large red star under a night sky"

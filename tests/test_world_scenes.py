@@ -133,3 +133,17 @@ def test_a_simple_scene_is_one_large_plain_object_on_a_plain_colour():
     assert not is_simple(Scene("white", (ObjectSpec("star", "red", "medium", 0.5, 0.5),)))
     assert not is_simple(Scene("white", (ObjectSpec("star", "red", "large", 0.5, 0.5, "striped"),)))
     assert not is_simple(Scene("white", (star, ObjectSpec("ring", "blue", "small", 0.1, 0.1))))
+
+
+def test_simple_scenes_drawn_directly_keep_to_their_backgrounds_and_split():
+    from sfumato.world.scenes import held_out, is_simple, sample_simple_scene, scene_in_split
+
+    rng = random.Random(0)
+    scenes = [sample_simple_scene(rng, "train", ("white", "black")) for _ in range(300)]
+    assert all(is_simple(s) and scene_in_split(s, "train") for s in scenes)
+    assert {s.background for s in scenes} == {"white", "black"}
+    assert not any(s.objects[0].color == s.background for s in scenes)
+    heldout = [sample_simple_scene(rng, "heldout") for _ in range(20)]
+    assert all(held_out().is_heldout_pair(s.objects[0]) for s in heldout)
+    with pytest.raises(SfumatoError, match="not night; allowed: red"):
+        sample_simple_scene(rng, "train", ("night",))

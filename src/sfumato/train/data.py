@@ -12,10 +12,13 @@ import os
 import random
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from sfumato.errors import SfumatoError
 
 EVAL_SEED_OFFSET = 1_000_003  # eval scenes come from another stream than training scenes
 
@@ -27,13 +30,28 @@ def hash_seed(*keys: int) -> int:
 
 # ----------------------------------------------------------------------------- rendered pools
 
+@dataclass(frozen=True)
+class SceneMix:
+    """Which scenes a pool holds. grid: objects moved onto a grid x grid lattice
+    (world.scenes.snap_to_grid); simple_share: about that share of the scenes are simple ones
+    (world.scenes.is_simple) instead, on one of simple_backgrounds (default: any plain colour)."""
+
+    grid: int = 0
+    simple_share: float = 0.0
+    simple_backgrounds: tuple[str, ...] = ()
+
+    @classmethod
+    def of_recipe(cls, data: dict) -> SceneMix:
+        return cls(data.get("grid", 0), data.get("simple_share", 0.0), tuple(data.get("simple_backgrounds", ())))
+
+
 def _render_range(args: tuple) -> list:
     """Scenes start..stop of stream `seed` (each depends only on (seed, index)), rendered into
     rows start..stop of the array file `path` (no pickling of gigabytes back to the parent)."""
     from sfumato.world import render
 
-    seed, start, stop, split, size, path, n, grid, simple_share = args
-    scenes = _scenes(seed, range(start, stop), split, grid, simple_share)
+    seed, start, stop, split, size, path, n, mix = args
+    scenes = _scenes(seed, range(start, stop), split, mix)
     rows = np.memmap(path, np.uint8, "r+", shape=(n, size, size, 3))
     for i, scene in enumerate(scenes):
         rows[start + i] = render(scene, size)
@@ -41,30 +59,27 @@ def _render_range(args: tuple) -> list:
     return scenes
 
 
-def _scene(seed: int, index: int, split: str, simple_share: float):
+def _scene(seed: int, index: int, split: str, mix: SceneMix):
     """Scene `index` of the stream; with probability simple_share (decided by its own rng) a simple one."""
-    from sfumato.world.scenes import is_simple, sample_scene, scene_rng
+    from sfumato.world.scenes import sample_scene, sample_simple_scene, scene_rng
 
     rng = scene_rng(seed, index)
-    simple = simple_share and rng.random() < simple_share
-    scene = sample_scene(rng, split)
-    while simple and not is_simple(scene):
-        scene = sample_scene(rng, split)
-    return scene
+    if mix.simple_share and rng.random() < mix.simple_share:
+        return sample_simple_scene(rng, split, mix.simple_backgrounds)
+    return sample_scene(rng, split)
 
 
-def _scenes(seed: int, indices: range, split: str, grid: int, simple_share: float = 0.0) -> list:
+def _scenes(seed: int, indices: range, split: str, mix: SceneMix) -> list:
     from sfumato.world.scenes import snap_to_grid
 
-    scenes = [_scene(seed, i, split, simple_share) for i in indices]
-    return [snap_to_grid(scene, grid) for scene in scenes] if grid else scenes
+    scenes = [_scene(seed, i, split, mix) for i in indices]
+    return [snap_to_grid(scene, mix.grid) for scene in scenes] if mix.grid else scenes
 
 
 def render_pool(seed: int, n: int, split: str, size: int, workers: int = 0,
-                grid: int = 0, simple_share: float = 0.0) -> tuple[np.ndarray, list]:
-    """Scenes 0..n-1 of `split` and their images, (n, size, size, 3) uint8, by a process pool;
-    `grid`: objects moved onto a grid x grid lattice (world.scenes.snap_to_grid); `simple_share`:
-    about that share of the scenes are simple ones (world.scenes.is_simple) instead.
+                mix: SceneMix = SceneMix()) -> tuple[np.ndarray, list]:
+    """Scenes 0..n-1 of `split` (of the given mix) and their images, (n, size, size, 3) uint8, by a
+    process pool.
 
     Rendering once into memory keeps a GPU fed: a training step only gathers rows.
     """
@@ -72,14 +87,14 @@ def render_pool(seed: int, n: int, split: str, size: int, workers: int = 0,
 
     workers = workers or len(os.sched_getaffinity(0))
     if workers <= 1 or n < 1024:
-        scenes = _scenes(seed, range(n), split, grid, simple_share)
+        scenes = _scenes(seed, range(n), split, mix)
         return np.stack([render(scene, size) for scene in scenes]), scenes
     # A file, not /dev/shm: containers often give shared memory only a few MB.
     with tempfile.TemporaryDirectory(prefix="sfumato-render-") as folder:
         path = os.path.join(folder, "pool.u8")
         np.memmap(path, np.uint8, "w+", shape=(n, size, size, 3)).flush()
         chunk = math.ceil(n / (workers * 4))
-        jobs = [(seed, i, min(n, i + chunk), split, size, path, n, grid, simple_share) for i in range(0, n, chunk)]
+        jobs = [(seed, i, min(n, i + chunk), split, size, path, n, mix) for i in range(0, n, chunk)]
         # forkserver: a CUDA context in the parent must not be forked.
         with multiprocessing.get_context("forkserver").Pool(workers) as pool:
             scenes = [scene for part in pool.map(_render_range, jobs) for scene in part]
@@ -98,10 +113,22 @@ def to_model_images(pixels: np.ndarray, device: torch.device) -> Tensor:
 
 # ----------------------------------------------------------------------------- captions and tokens
 
-def random_captions(scenes: list, seed: int, *keys: int) -> list[str]:
-    """A fresh caption of each scene: the same scene gets other words every epoch."""
-    from sfumato.world import caption
+CAPTION_STYLES = ("world", "plain")
 
+
+def caption_style(name: str) -> str:
+    if name not in CAPTION_STYLES:
+        raise SfumatoError(f"unknown caption style {name!r}; allowed: {', '.join(CAPTION_STYLES)}")
+    return name
+
+
+def random_captions(scenes: list, seed: int, *keys: int, style: str = "world") -> list[str]:
+    """A fresh caption of each scene: the same scene gets other words every epoch. style "plain":
+    always the same words instead (world.captions.plain_caption; a curriculum's first stage)."""
+    from sfumato.world.captions import caption, plain_caption
+
+    if caption_style(style) == "plain":
+        return [plain_caption(scene) for scene in scenes]
     return [caption(scene, random.Random(hash_seed(seed, *keys, i))) for i, scene in enumerate(scenes)]
 
 

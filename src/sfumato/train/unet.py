@@ -36,6 +36,8 @@ from sfumato.train.common import (
 )
 from sfumato.train.data import (
     EVAL_SEED_OFFSET,
+    SceneMix,
+    caption_style,
     eval_captions,
     load_tokenizer,
     random_captions,
@@ -119,7 +121,7 @@ CACHE_KEY = 7_919  # the cached captions' stream, apart from the per-step ones (
 
 @torch.no_grad()
 def caption_states(text_encoder, tokenizer, scenes: list, seed: int, per_scene: int, device: torch.device,
-                   batch: int = 512) -> Tensor:
+                   batch: int = 512, style: str = "world") -> Tensor:
     """(n * per_scene + 1, 77, d) fp16: the text states of `per_scene` captions of each scene (row
     scene * per_scene + k), then of the empty caption (the last row, for caption dropout).
 
@@ -128,7 +130,7 @@ def caption_states(text_encoder, tokenizer, scenes: list, seed: int, per_scene: 
     0.45 s step of the shipped-size UNet at batch 32 on one CPU thread (session 20), a few percent;
     a scene then has K wordings rather than a new one each epoch. fp16: the states of 20k scenes x
     4 captions take 0.8 GB, and the rounding (1e-3 relative) is far below the noise the UNet learns under."""
-    captions = [c for row in zip(*(random_captions(scenes, seed, CACHE_KEY, k) for k in range(per_scene)), strict=True)
+    captions = [c for row in zip(*(random_captions(scenes, seed, CACHE_KEY, k, style=style) for k in range(per_scene)), strict=True)
                 for c in row] + [""]
     return torch.cat([text_hidden(text_encoder, tokenizer, captions[i : i + batch], device).half()
                       for i in range(0, len(captions), batch)])
@@ -185,10 +187,11 @@ def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
     text_lr, per_scene = r.get("text_encoder_lr", 0.0), r.get("caption_cache", 0)
     if per_scene and text_lr > 0:
         raise SfumatoError("caption_cache needs a frozen text encoder: set text_encoder_lr = 0 or caption_cache = 0")
-    # data.grid: training scenes with their objects on the latent grid (world.scenes.snap_to_grid);
-    # data.simple_share: about that share of them simple scenes (world.scenes.is_simple; session 20)
+    # data.captions = "plain": one fixed wording per scene (a curriculum's first stage)
+    style = caption_style(data.get("captions", "world"))
+    # data.grid, data.simple_share, data.simple_backgrounds: which scenes (train.data.SceneMix)
     pool, scenes = render_pool(run.seed, data["train_scenes"], "train", data["size"], data.get("workers", 0),
-                               data.get("grid", 0), data.get("simple_share", 0.0))
+                               SceneMix.of_recipe(data))
     vae, text_encoder = load_frozen(vae_dir, clip_dir, run.device)
     tokenizer = load_tokenizer()
     with run.accelerator.autocast():
@@ -207,7 +210,8 @@ def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
     text_encoder.requires_grad_(tune_text)
     # after loading: the EMA starts from those weights
     t = make_trainable(run, TextConditionedUNet(unet, text_encoder), {"text_encoder": text_lr / r["lr"]})
-    states = caption_states(text_encoder, tokenizer, scenes, run.seed, per_scene, run.device) if per_scene else None
+    states = caption_states(text_encoder, tokenizer, scenes, run.seed, per_scene, run.device,
+                            style=style) if per_scene else None
 
     def make_batch(step: int) -> dict:
         rng = run.numpy_rng(step)
@@ -217,7 +221,7 @@ def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
             which = run.shard(rng.integers(0, per_scene, r["batch_size"]))
             return {"rows": torch.from_numpy(index),
                     "text": torch.from_numpy(np.where(dropped, len(states) - 1, index * per_scene + which))}
-        captions = random_captions([scenes[i] for i in index], run.seed, step, run.accelerator.process_index)
+        captions = random_captions([scenes[i] for i in index], run.seed, step, run.accelerator.process_index, style=style)
         return {"rows": torch.from_numpy(index),
                 "text": tokenize(tokenizer, ["" if d else c for c, d in zip(captions, dropped, strict=True)])}
 

@@ -258,6 +258,21 @@ def caption(scene: Scene, rng) -> str:
     return describe(scene, rng)[0]
 
 
+def plain_caption(scene: Scene) -> str:
+    """The scene in one fixed wording, every detail named: "a large red star on a white background".
+
+    A curriculum's first stage (a UNet recipe's `data.captions = "plain"`): from scratch, a UNet of
+    the shipped size learns shapes about twice as fast from one wording as from the world's many
+    (session 20, scripts/shape_learning.py: 0.41 against 0.23 of shapes right after ~90k samples)."""
+    def phrase(obj: ObjectSpec) -> str:
+        pattern = "" if obj.pattern == "plain" else f"{obj.pattern} "
+        return f"a {obj.size} {obj.color} {pattern}{obj.shape}"
+
+    kind = "color" if scene.background in COLORS else scene.background
+    background = BACKGROUND_AFTER[kind][0].format(scene.background)
+    return f"{_join([phrase(o) for o in scene.objects])} {background}"  # "a" fits: a size word comes first
+
+
 def full_expectation(scene: Scene) -> Expectation:
     """Everything about the scene: each group of identical objects with its count."""
     groups: dict[tuple[str, str, str, str], int] = {}

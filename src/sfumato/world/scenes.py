@@ -313,6 +313,25 @@ def is_simple(scene: Scene) -> bool:
     return not others and obj.size == "large" and obj.pattern == "plain" and scene.background in COLORS
 
 
+def sample_simple_scene(rng: random.Random, split: str = "train",
+                        backgrounds: tuple[str, ...] = ()) -> Scene:
+    """A simple scene (is_simple) of `split` drawn directly: one large plain object on one of
+    `backgrounds` (default: any plain colour) that it contrasts with. Drawing world scenes until
+    one is simple would take ~30 of them, ~350 for one on white."""
+    unknown = sorted(set(backgrounds) - set(COLORS))
+    if unknown:
+        raise SfumatoError(f"simple scenes have a plain colour background, not {', '.join(unknown)}; "
+                           f"allowed: {', '.join(COLORS)}")
+    shapes = vocabulary(split)[0]
+    while True:
+        background = rng.choice(list(backgrounds or COLORS))
+        color = rng.choice([c for c in COLORS if contrasts(c, "plain", background)])
+        (x, y), = _place(rng, [SIZES["large"]], None)
+        scene = Scene(background, (ObjectSpec(rng.choice(shapes), color, "large", round(x, 4), round(y, 4)),))
+        if scene_in_split(scene, split):
+            return scene
+
+
 def snap_to_grid(scene: Scene, cells: int) -> Scene:
     """The scene with each object's centre moved to the nearest line of a cells x cells grid that
     keeps it inside the border; the scene unchanged where that would bring two objects too close.
