@@ -22,7 +22,8 @@ itself (held-out shape/colour pairs among them); since session 21 every mix is d
 draws it (train.data.SceneMix).
 
 --init starts from an earlier run's out/unet (its EMA weights, saved at each evaluation): a curriculum's
-later stage.
+later stage. With --minutes 0 it only scores the --init UNet, on --model's VAE and text encoder: any
+trainer's output (a folder holding vae/, text_encoder/ and unet/, links will do).
 
 A bare training loop rather than `sfumato train unet`: each mix's captions are encoded once, and the
 curve is measured on the run's own clock.
