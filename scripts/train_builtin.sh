@@ -17,6 +17,13 @@
 #      VAE_RECIPE (default "vae", then the vae_decoder stage): "vae_robust" trains both halves on whole
 #      images with relative latent noise in one stage (no decoder stage). CLIP_RECIPE (default "clip"):
 #      e.g. "clip_shapes" (hard negatives: the caption with its shape word swapped).
+#      CHAIN=1: the UNETS are a curriculum, each continuing the one before (its weights and its text encoder,
+#      which a recipe with text_encoder_lr tunes), the first from INIT_FROM (else from scratch); a tuned text
+#      encoder is then locked and the CLIP's vision side trained again against it (clip_realign, so the model
+#      ships one text tower), and the last UNet alone is assembled into OUTDIR/builtin. The curriculum of
+#      sessions 21-22 (train_checkpoints/curriculum; ~3 h on 2 cores, from the candidate's VAE and CLIP):
+#        CHAIN=1 UNETS="unet_white unet_colours unet_mixed unet_mixed_again unet_world" \
+#          VAE_FROM=train_checkpoints/candidate CLIP_FROM=train_checkpoints/candidate scripts/train_builtin.sh runs/cur
 #      PARALLEL (1 by default with --gpu): stages that do not depend on each other run at once (VAE beside
 #      CLIP, the UNets beside each other): these small models leave most of a GPU idle.
 set -euo pipefail
@@ -90,15 +97,30 @@ first_stages=()
 [[ -n ${VAE_FROM:-} ]] || first_stages+=("$vae_stages")
 [[ -n ${CLIP_FROM:-} ]] || first_stages+=("stage $CLIP_RECIPE clip $CLIP_MIN '${INIT_FROM:-}'")
 (( ${#first_stages[@]} == 0 )) || together "${first_stages[@]}"
-unet_calls=()
-for name in $UNETS; do unet_calls+=("unet_stage $name"); done
-together "${unet_calls[@]}"
+ASSEMBLE_CLIP=$CLIP
+if [[ ${CHAIN:-0} == 1 ]]; then
+  init=${INIT_FROM:-} text_from=$CLIP
+  for name in $UNETS; do
+    stage "$name" unet "$UNET_MIN" "$init" --vae "$ENCODER" --clip "$text_from"
+    init=$OUT/$name
+    [[ ! -d "$init/text_encoder" ]] || text_from=$init  # a run that tuned its text encoder keeps it beside it
+  done
+  if [[ -d "$init/text_encoder" ]]; then
+    stage clip_realign clip "$CLIP_MIN" "$CLIP" --lock-text "$init"
+    ASSEMBLE_CLIP=$OUT/clip_realign
+  fi
+  UNETS=$name  # the last stage is the model
+else
+  unet_calls=()
+  for name in $UNETS; do unet_calls+=("unet_stage $name"); done
+  together "${unet_calls[@]}"
+fi
 
 HARDWARE=$($PYTHON -c "import torch; print(torch.cuda.get_device_name() if '$DEVICE' == 'cuda' else f'CPU ({torch.get_num_threads()} threads)')")
 first=1
 for name in $UNETS; do
   model="$OUT/builtin"; [[ $first == 1 ]] || model="$OUT/builtin-$name"; first=0
-  $PYTHON -m sfumato.train.cli assemble --vae "$DECODER" --clip "$CLIP" --unet "$OUT/$name" \
+  $PYTHON -m sfumato.train.cli assemble --vae "$DECODER" --clip "$ASSEMBLE_CLIP" --unet "$OUT/$name" \
     --out "$model" --hardware "$HARDWARE"
   echo; echo "== $model"
   sed -n '/^## Figures/,/^## Recipes/p' "$model/MODEL_CARD.md" | sed '$d'

@@ -549,6 +549,35 @@ def test_a_text_encoder_tuned_with_the_unet_is_saved_and_shipped(full_runs: Path
         assert has_text == tuned_text == ("then tuned with the UNet" in (again / "MODEL_CARD.md").read_text())
 
 
+def test_a_clip_locked_to_a_tuned_text_encoder_learns_only_its_vision_side(full_runs: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    recipe = tmp_path / "tuned.toml"
+    recipe.write_text('base = "tiny_unet"\ntext_encoder_lr = 5e-4\n')
+    unet = full_runs / "unet_for_locked_clip"  # beside the VAE and CLIP runs it trains on
+    run_stage("unet", unet, "--config", str(recipe), "--steps", "2")
+    locked = tmp_path / "clip_locked"
+    run_stage("clip", locked, "--init-from", str(full_runs / "clip_full"), "--lock-text", str(unet), "--steps", "3")
+    tuned = load_file(unet / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(v, tuned[k]) for k, v in load_file(locked / "text_encoder" / "model.safetensors").items())
+    before, after = (load_file(f / "clip" / "model.safetensors") for f in (full_runs / "clip_full", locked))
+    assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith("vision_model."))
+    assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith("text_projection"))
+    assert json.loads((locked / "metrics.json").read_text())["text_locked_to"] == str(unet)
+
+    # assembled on that CLIP, the model needs no second text tower: clip/ is vision + projections
+    model = tmp_path / "model"
+    result = CliRunner().invoke(train, ["assemble", "--vae", str(full_runs / "vae_full"), "--clip", str(locked),
+                                        "--unet", str(unet), "--out", str(model)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert not any(k.startswith("text_model.") for k in load_file(model / "clip" / "model.safetensors"))
+    card = (model / "MODEL_CARD.md").read_text()
+    assert "then tuned with the UNet" in card and "trained again against the tuned text encoder" in card
+    assert "holds no text_encoder" in user_error(["clip", "--config", "tiny_clip", "--out",
+                                                           str(tmp_path / "bad"), "--lock-text",
+                                                           str(full_runs / "vae_full")])
+
+
 def test_a_text_encoder_learning_rate_sets_its_own_parameter_group(tmp_path: Path):
     from sfumato.train.common import make_trainable, start_run
 

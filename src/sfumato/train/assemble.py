@@ -247,8 +247,9 @@ def assemble_model(vae_dir: Path, clip_dir: Path, unet_dir: Path, out: Path, *, 
             shutil.copy(samples[-1], tmp / "samples.png")
         params = {"unet": param_count(unet), "vae": param_count(vae), "text_encoder": param_count(text_encoder),
                   "clip_vision_and_projections": clip_params}
+        locked = bool(_read_metrics(clip_dir).get("text_locked_to"))  # clip_dir's CLIP was realigned to it
         summary = {"params": params, "shipped_params": params["unet"] + params["vae"] + params["text_encoder"],
-                   "text_encoder_tuned": tuned_text,
+                   "text_encoder_tuned": tuned_text or locked, "clip_own_text_tower": tuned_text,
                    "fp16": half, "fp16_relative_error": {k: float(f"{v:.2e}") for k, v in errors.items()}}
         stages = {"vae": _read_metrics(vae_dir), "clip": _read_metrics(clip_dir), "unet": _read_metrics(unet_dir)}
         summary["megabytes"] = round(sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 1e6, 2)
@@ -276,10 +277,12 @@ def model_card(summary: dict, stages: dict, hardware: str) -> str:
         "",
         f"- VAE (AutoencoderKL): {p['vae']:,} parameters, scaling_factor {_figure(vae, 'scaling_factor', '{:.4f}')}",
         f"- Text encoder (CLIPTextModel, the text tower of a CLIP trained here"
-        f"{', then tuned with the UNet' if summary.get('text_encoder_tuned') else ''}): {p['text_encoder']:,} parameters",
+        f"{', then tuned with the UNet' if summary.get('text_encoder_tuned') else ''}):"
+        f" {p['text_encoder']:,} parameters",
         f"- UNet (UNet2DConditionModel, EMA weights, {_figure(unet, 'prediction_type')}): {p['unet']:,} parameters",
         f"- Shipped total: {summary['shipped_params']:,} parameters, {summary['megabytes']} MB on disk",
-        f"- clip/: CLIP vision tower + projections{' + its own text tower' if summary.get('text_encoder_tuned') else ''} "
+        f"- clip/: CLIP vision tower + projections{' + its own text tower' if summary.get('clip_own_text_tower') else ''}"
+        f"{' (trained again against the tuned text encoder, frozen: ' + clip['text_locked_to'] + ')' if clip.get('text_locked_to') else ''} "
         f"for a CLIP score ({p['clip_vision_and_projections']:,} "
         "parameters; `sfumato.train.assemble.load_clip`); images in [-1, 1] at 128x128",
         f"- fp16 weights: {summary['fp16']} (RMS output change of fp16 rounding, relative to the output's std: "

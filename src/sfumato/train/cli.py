@@ -62,12 +62,15 @@ def vae(run) -> dict:
     return train_vae(run)
 
 
+@click.option("--lock-text", type=click.Path(exists=True, file_okay=False),
+              help="load the text tower from DIR/text_encoder (a UNet run that tuned it, or a model folder) and "
+                   "keep it frozen: the vision tower and projections learn to match it")
 @stage_command("clip")
-def clip(run) -> dict:
+def clip(run, lock_text: str | None) -> dict:
     """Train CLIP (text + vision towers, contrastive); writes OUT/clip and OUT/text_encoder."""
     from sfumato.train.clip import train_clip
 
-    return train_clip(run)
+    return train_clip(run, Path(lock_text) if lock_text else None)
 
 
 @click.option("--vae", "vae_dir", required=True, type=click.Path(exists=True), help="VAE stage output")

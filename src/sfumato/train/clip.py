@@ -3,18 +3,24 @@
 The text tower becomes the pipeline's text encoder (OUT/text_encoder, a CLIPTextModel, as SD1
 uses it); the whole model (OUT/clip, a CLIPModel) is kept for a CLIP score. Images go into the
 vision tower as (b, 3, 128, 128) in [-1, 1]; OUT/clip's preprocessor config says the same.
+
+With a locked text tower (--lock-text: a text encoder the UNet stage tuned) only the vision tower and
+the projections learn: the CLIP score then reads prompts through the pipeline's own text encoder, and
+the model folder needs no second text tower (locked-text tuning, the mirror of LiT's locked image).
 """
 
 from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sfumato.train.assemble import load_saved
+from sfumato.errors import SfumatoError
+from sfumato.train.assemble import TEXT_PREFIX, load_saved, stage_folder
 from sfumato.train.common import (
     Run,
     atomic_write_text,
@@ -115,13 +121,29 @@ def swap_choice(clip, images: Tensor, captions: list[str], words, tokenizer) -> 
     return (right_sims > wrong_sims).float().mean().item()
 
 
-def train_clip(run: Run) -> dict:
+def lock_text_tower(clip, folder: Path) -> None:
+    """Load folder/text_encoder into the CLIP's text tower and freeze it."""
+    from safetensors.torch import load_file
+
+    path = stage_folder(folder, "text_encoder") / "model.safetensors"  # a clear error if there is none
+    weights = {k.removeprefix(TEXT_PREFIX): v.float() for k, v in load_file(path).items()}
+    try:
+        clip.text_model.load_state_dict(weights)
+    except RuntimeError as e:  # missing keys or other shapes: another architecture
+        raise SfumatoError(f"--lock-text {folder}: its text encoder is not this recipe's text tower "
+                           f"({str(e).splitlines()[0]})") from None
+    clip.text_model.requires_grad_(False)
+
+
+def train_clip(run: Run, lock_text: Path | None = None) -> dict:
     r, data = run.recipe, run.recipe["data"]
-    pool, scenes = render_pool(run.seed, data["train_scenes"], "train", data["size"], data.get("workers", 0))
     tokenizer = load_tokenizer()
     clip = build_clip(r["model"], data["size"])
     if run.init_from:
         load_saved(clip, run.init_from, "clip")
+    if lock_text is not None:  # before the pool: a wrong folder fails in seconds, not after rendering
+        lock_text_tower(clip, lock_text)
+    pool, scenes = render_pool(run.seed, data["train_scenes"], "train", data["size"], data.get("workers", 0))
     t = make_trainable(run, clip)  # after loading: the EMA starts from those weights
 
     hard_negatives = r.get("hard_negatives", False)
@@ -169,7 +191,7 @@ def train_clip(run: Run) -> dict:
     group = data.get("retrieval_candidates", 32)
     with ema_weights(run, t) as module:
         clip = module.eval()
-        metrics = {"stage": "clip", "params": param_count(clip),
+        metrics = {"stage": "clip", "params": param_count(clip), "text_locked_to": str(lock_text) if lock_text else None,
                    "text_encoder_params": param_count(clip.text_model), **loss_summary(run, t),
                    "retrieval_candidates": group, "chance": round(1 / group, 4),
                    "logit_scale": float(clip.logit_scale.detach().exp())}
