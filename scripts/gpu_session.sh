@@ -8,8 +8,8 @@
 #   VAE_FROM=src/sfumato/models/builtin CLIP_MIN=2 UNETS="unet_budget" UNET_MIN=6.5 OUT=folder bash scripts/gpu_session.sh
 # Next (model card, session 15): a VAE whose round trip keeps the shapes, trained with its encoder on whole
 # images, then CLIP (on a GPU its recipe has the shape-swapped hard negatives) and unet_budget on both
-# (VAE_MIN=3: ~500k images on an H100, at the decoder's measured rate):
-#   VAE_RECIPE=vae_robust VAE_MIN=3 CLIP_MIN=2 UNETS="unet_budget" UNET_MIN=4 \
+# (VAE_MIN=2.5: ~400k images on an H100, at the decoder's measured rate; then vae_robust_decoder):
+#   VAE_RECIPE=vae_robust VAE_MIN=2.5 DECODER_MIN=1.5 CLIP_MIN=2 UNETS="unet_budget" UNET_MIN=3.5 \
 #     OUT=folder bash scripts/gpu_session.sh
 # Next (model card, session 16), the first choice: that VAE and a shape-aware CLIP exist now (CPU-trained,
 # train_checkpoints/candidate), so the whole call goes to unet_budget on them (~2.5 M samples):
@@ -45,7 +45,7 @@ tr '\r' '\n' <"$OUT/train.log" | grep -v '^\s*$' | grep -v '%|' | tail -40
 # The model, and each stage's metrics and last sample grid: what the model card and a review need.
 files=()
 for model in "$RUN"/builtin "$RUN"/builtin-*; do [[ -d $model ]] && files+=("${model#"$RUN"/}"); done
-for stage in $(printf '%s\n' vae vae_decoder ${VAE_RECIPE:-} clip ${CLIP_RECIPE:-} $UNETS | awk '!seen[$0]++'); do
+for stage in $(printf '%s\n' vae vae_decoder ${VAE_RECIPE:-} ${VAE_RECIPE:+${VAE_RECIPE}_decoder} clip ${CLIP_RECIPE:-} $UNETS | awk '!seen[$0]++'); do
   [[ -f "$RUN/$stage/metrics.json" ]] && files+=("$stage/metrics.json")
   last=$(cd "$RUN" && ls "$stage"/samples/*.png 2>/dev/null | tail -1)
   [[ -n "$last" ]] && files+=("$last")

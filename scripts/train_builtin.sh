@@ -14,16 +14,18 @@
 #      UNETS (UNet recipes to train, default "unet"; e.g. "unet unet_zero_snr" trains both on the same VAE
 #      and CLIP: the first is assembled into OUTDIR/builtin, each other one into OUTDIR/builtin-NAME).
 #      VAE_FROM / CLIP_FROM (a model folder): train the UNets on its VAE / CLIP instead of training those stages.
-#      VAE_RECIPE (default "vae", then the vae_decoder stage): "vae_robust" trains both halves on whole
-#      images with relative latent noise in one stage (no decoder stage). CLIP_RECIPE (default "clip"):
+#      VAE_RECIPE (default "vae"), then its decoder alone (recipe VAE_RECIPE_decoder, where there is one):
+#      "vae_robust" trains both halves on whole images with relative latent noise, then vae_robust_decoder
+#      (the shipped model's VAE; budgets VAE_MIN=120 DECODER_MIN=170 match its runs). CLIP_RECIPE (default "clip"):
 #      e.g. "clip_shapes" (hard negatives: the caption with its shape word swapped).
 #      CHAIN=1: the UNETS are a curriculum, each continuing the one before (its weights and its text encoder,
 #      which a recipe with text_encoder_lr tunes), the first from INIT_FROM (else from scratch); a tuned text
 #      encoder is then locked and the CLIP's vision side trained again against it (clip_realign, so the model
-#      ships one text tower), and the last UNet alone is assembled into OUTDIR/builtin. The curriculum of
-#      sessions 21-22 (train_checkpoints/curriculum; ~3 h on 2 cores, from the candidate's VAE and CLIP):
+#      ships one text tower), and the last UNet alone is assembled into OUTDIR/builtin. The shipped model's
+#      curriculum (sessions 21-23; ~3 h on 2 cores, from the candidate's VAE and CLIP):
 #        CHAIN=1 UNETS="unet_white unet_colours unet_mixed unet_mixed_again unet_world" \
 #          VAE_FROM=train_checkpoints/candidate CLIP_FROM=train_checkpoints/candidate scripts/train_builtin.sh runs/cur
+#      and the whole of it from scratch: VAE_RECIPE=vae_robust CLIP_RECIPE=clip_shapes and the same CHAIN and UNETS.
 #      PARALLEL (1 by default with --gpu): stages that do not depend on each other run at once (VAE beside
 #      CLIP, the UNets beside each other): these small models leave most of a GPU idle.
 set -euo pipefail
@@ -82,9 +84,10 @@ together() {  # together "STAGE CALLS" ...: all at once with PARALLEL=1, else on
 }
 
 VAE_RECIPE=${VAE_RECIPE:-vae} CLIP_RECIPE=${CLIP_RECIPE:-clip}
-if [[ $VAE_RECIPE == vae ]]; then  # crops, then the decoder alone on whole images, encoder kept
-  ENCODER=$OUT/vae DECODER=$OUT/vae_decoder
-  vae_stages="stage vae vae $VAE_MIN '${INIT_FROM:-}'; stage vae_decoder vae $DECODER_MIN '$OUT/vae'"
+RECIPES="$(dirname "$0")/../src/sfumato/configs/train"
+if [[ -f "$RECIPES/$PREFIX${VAE_RECIPE}_decoder.toml" ]]; then  # then its decoder alone, the encoder kept
+  ENCODER=$OUT/$VAE_RECIPE DECODER=$OUT/${VAE_RECIPE}_decoder
+  vae_stages="stage $VAE_RECIPE vae $VAE_MIN '${INIT_FROM:-}'; stage ${VAE_RECIPE}_decoder vae $DECODER_MIN '$ENCODER'"
 else
   ENCODER=$OUT/$VAE_RECIPE DECODER=$OUT/$VAE_RECIPE
   vae_stages="stage $VAE_RECIPE vae $VAE_MIN '${INIT_FROM:-}'"

@@ -417,9 +417,11 @@ def test_model_card_says_which_stages_continued_earlier_weights():
     from sfumato.train.assemble import model_card
 
     summary = {"params": {"unet": 3, "vae": 2, "text_encoder": 1, "clip_vision_and_projections": 1},
-               "shipped_params": 6, "megabytes": 0.1, "fp16": {}, "fp16_relative_error": {}}
+               "shipped_params": 6, "megabytes": 0.1, "fp16": {}, "fp16_relative_error": {},
+               "vae_scaling_factor": 0.25}
     card = model_card(summary, {"vae": {"init_from": "old/builtin"}, "clip": {}, "unet": {}}, "")
     assert "The vae stage continued the weights of old/builtin" in card
+    assert "scaling_factor 0.2500" in card  # from the VAE's config, even where its run left no metrics
     assert "clip stage continued" not in card and "unet stage continued" not in card
 
 

@@ -70,6 +70,10 @@ def _save_weights(model, folder: Path, half: bool, filename: str, prefix: str = 
     folder.mkdir(parents=True)
     if hasattr(model, "save_config"):  # diffusers
         model.save_config(folder)
+        # it records the folder the model was loaded from: a path on the builder's disk, not the model's
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("_name_or_path", None)
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     else:  # transformers
         model.config.save_pretrained(folder)
     tensors = {prefix + k: (v.half() if half and v.is_floating_point() else v).contiguous()
@@ -250,6 +254,7 @@ def assemble_model(vae_dir: Path, clip_dir: Path, unet_dir: Path, out: Path, *, 
         locked = bool(_read_metrics(clip_dir).get("text_locked_to"))  # clip_dir's CLIP was realigned to it
         summary = {"params": params, "shipped_params": params["unet"] + params["vae"] + params["text_encoder"],
                    "text_encoder_tuned": tuned_text or locked, "clip_own_text_tower": tuned_text,
+                   "vae_scaling_factor": vae.config.scaling_factor,
                    "fp16": half, "fp16_relative_error": {k: float(f"{v:.2e}") for k, v in errors.items()}}
         stages = {"vae": _read_metrics(vae_dir), "clip": _read_metrics(clip_dir), "unet": _read_metrics(unet_dir)}
         summary["megabytes"] = round(sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 1e6, 2)
@@ -275,7 +280,7 @@ def model_card(summary: dict, stages: dict, hardware: str) -> str:
         "",
         "## Components",
         "",
-        f"- VAE (AutoencoderKL): {p['vae']:,} parameters, scaling_factor {_figure(vae, 'scaling_factor', '{:.4f}')}",
+        f"- VAE (AutoencoderKL): {p['vae']:,} parameters, scaling_factor {summary['vae_scaling_factor']:.4f}",
         f"- Text encoder (CLIPTextModel, the text tower of a CLIP trained here"
         f"{', then tuned with the UNet' if summary.get('text_encoder_tuned') else ''}):"
         f" {p['text_encoder']:,} parameters",
