@@ -135,3 +135,32 @@ def test_the_weights_digest_sees_every_value():
     with torch.no_grad():
         layer.bias[1] += 1e-7
     assert tracing.weights_digest(layer) != before
+
+
+def test_tracing_a_transformers_model_warns_nothing_a_user_cannot_act_on():
+    import warnings
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=8)
+    encoder = CLIPTextModel(config).eval()
+
+    class Call(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, ids):
+            return self.encoder(ids).last_hidden_state
+
+    log = logging.getLogger("transformers.modeling_utils")
+    level = log.level
+    with tracing.quiet_torchscript():
+        # the tracer reads every attribute of the model: its loss function and deprecated properties
+        assert not log.isEnabledFor(logging.WARNING)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # inside: quiet_torchscript's filters come first
+            tracing.freeze_trace(Call(), (torch.zeros(1, 8, dtype=torch.long),))
+    assert log.level == level
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]

@@ -160,12 +160,21 @@ def save_trace(path: Path, trace: torch.jit.ScriptModule) -> None:
 
 @contextlib.contextmanager
 def quiet_torchscript() -> Iterator[None]:
-    """Without the tracer's warning at each Python branch on a shape (a trace is per shape) and
-    TorchScript's deprecation notices (see the module's docstring): nothing a user can act on."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        yield
+    """Without the tracer's warning at each Python branch on a shape (a trace is per shape),
+    TorchScript's deprecation notices (see the module's docstring), and the warnings transformers gives
+    when a model's loss function or deprecated properties are read, which the tracer provokes by
+    reading every attribute of a model: nothing a user can act on."""
+    transformers_log = logging.getLogger("transformers.modeling_utils")
+    level = transformers_log.level
+    transformers_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecated properties, read too
+            yield
+    finally:
+        transformers_log.setLevel(level)
 
 
 def weights_digest(module: torch.nn.Module) -> str:
