@@ -150,6 +150,8 @@ def test_assemble_builds_a_loadable_diffusers_folder(full_runs: Path, assembled:
     assert torch.equal(clip.text_model.get_input_embeddings().weight.half(), text.get_input_embeddings().weight.half())
     card = (out / "MODEL_CARD.md").read_text()
     assert "PSNR" in card and f"{sum(p.numel() for p in unet.parameters()):,}" in card
+    for part in ("unet", "vae"):  # loaded from the runs' folders: their paths must not ship
+        assert "_name_or_path" not in json.loads((out / part / "config.json").read_text())
 
 
 def test_shipped_recipes_fit_the_size_budget():
