@@ -68,10 +68,8 @@ def _save_weights(model, folder: Path, half: bool, filename: str, prefix: str = 
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
-    if hasattr(model, "save_config"):  # diffusers
-        model.save_config(folder)
-        # it records the folder the model was loaded from: a path on the builder's disk, not the model's
-        config = json.loads((folder / "config.json").read_text())
+    if hasattr(model, "save_config"):  # diffusers: what save_config writes, less the folder it was loaded
+        config = json.loads(model.to_json_string())  # from (a path on the builder's disk, not the model's)
         config.pop("_name_or_path", None)
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     else:  # transformers
