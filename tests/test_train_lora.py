@@ -163,7 +163,7 @@ def test_teach_benchmark_trains_two_concepts_and_scores_them(tiny_model_dir, tmp
     result = CliRunner().invoke(lora_bench_command, [
         "teach", "--model", str(tiny_model_dir), "--images", "3", "--steps", "2", "--rank", "2",
         "--batch-size", "2", "--limit", "1", "--images-per-prompt", "1", "--sample-steps", "2",
-        "--out", str(out)], catch_exceptions=False)
+        "--reg-images", "2", "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "result.json").read_text())
     assert (report["shape"], report["pattern"]) == ("hexagon", "checkered")
@@ -176,6 +176,8 @@ def test_teach_benchmark_trains_two_concepts_and_scores_them(tiny_model_dir, tmp
         assert len(captions) == 3 and all(concept in c for c in captions)
         tensors, metadata = read(out / f"{concept}.safetensors")
         assert metadata["ss_network_dim"] == "2" and any(k.endswith(".lora_down.weight") for k in tensors)
+        assert metadata["ss_num_reg_images"] == "2"  # the base model's pictures of two world captions
+    assert len(list((out / "regularization").glob("*.png"))) == 2
 
 
 def test_noise_offset_changes_the_training_noise_and_is_recorded(model, tmp_path):
@@ -200,3 +202,81 @@ def test_min_snr_gamma_weights_the_loss_and_is_recorded(model, tmp_path):
     out = train_lora(model, TrainConfig(images=write_images(tmp_path / "images"), out=tmp_path / "o.safetensors",
                                         steps=1, min_snr_gamma=5.0, progress=False))
     assert read(out)[1]["ss_min_snr_gamma"] == "5.0"
+
+
+def test_regularization_images_fill_half_of_each_epoch_and_weigh_the_prior_loss(model, tmp_path):
+    from sfumato.train.lora import diffusion_loss
+    from sfumato.train.lora_data import Example, epoch_batches
+
+    examples = [Example(tmp_path / f"{i}.png", "x", torch.zeros(3, 8, 8), prior=i >= 3) for i in range(8)]
+    for epoch in range(3):
+        drawn = [i for batch in epoch_batches(examples, 2, 4, 0, epoch) for i in batch]
+        subject, prior = [i for i in drawn if i < 3], [i for i in drawn if i >= 3]
+        assert sorted(subject) == [0, 0, 1, 1, 2, 2] and len(prior) == 6  # as many as the subject's, repeats too
+        assert len(set(prior)) == 5  # cycling through all five regularization images
+
+    latents, hidden = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    both = diffusion_loss(model, latents, hidden, torch.Generator().manual_seed(3))
+    first = diffusion_loss(model, latents, hidden, torch.Generator().manual_seed(3), sample_weights=torch.tensor([1.0, 0.0]))
+    second = diffusion_loss(model, latents, hidden, torch.Generator().manual_seed(3), sample_weights=torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(first + second, both)
+    assert 0 < first < both
+
+    images, reg = write_images(tmp_path / "images", count=2), write_images(tmp_path / "reg", count=3)
+    out = train_lora(model, TrainConfig(images=images, reg_images=reg, trigger="sks", prior_loss_weight=0.5,
+                                        out=tmp_path / "r.safetensors", epochs=1, batch_size=2, progress=False))
+    meta = read(out)[1]
+    assert (meta["ss_num_train_images"], meta["ss_num_reg_images"], meta["ss_prior_loss_weight"]) == ("2", "3", "0.5")
+    assert meta["ss_steps"] == "2"  # an epoch: 2 subject images + 2 regularization images, in batches of 2
+    assert json.loads(meta["ss_tag_frequency"]) == {"1_images": {"sks": 2, "a red star": 2, "style 0": 1, "style 1": 1}}
+
+
+def test_cross_target_adapts_only_how_the_unet_reads_the_text(model, tmp_path):
+    out = train_lora(model, TrainConfig(images=write_images(tmp_path / "images", count=2), out=tmp_path / "c.safetensors",
+                                        steps=1, lr=1e-2, targets=("cross",), progress=False))
+    layers = {k.split(".")[0] for k in read(out)[0]}
+    assert layers and all(k.endswith(("_attn2_to_k", "_attn2_to_v")) for k in layers)
+    stack = LoraStack(model)
+    stack.activate([(str(out), 1.0, 1.0)])
+    assert not stack.reports["c"].skipped_keys
+    stack.activate([])
+
+
+def test_model_target_regularization_keeps_the_base_models_prediction(model, tmp_path):
+    from sfumato.train.lora import (
+        adapters_off,
+        attach_adapters,
+        detach_adapters,
+        diffusion_loss,
+        target_names,
+    )
+
+    base = unet_output(model)
+    roots = {"unet": model.unet}
+    attach_adapters(roots, {"unet": target_names(model.unet, ("to_k", "to_v"))}, rank=2, alpha=2, seed=0)
+    try:
+        with torch.no_grad():
+            for name, param in model.unet.named_parameters():
+                if "lora_B" in name:
+                    param.fill_(0.1)
+        assert (unet_output(model) - base).abs().max() > 1e-3  # the adapters change the output...
+        with adapters_off(roots):
+            torch.testing.assert_close(unet_output(model), base)  # ...except while they are off
+        assert (unet_output(model) - base).abs().max() > 1e-3
+
+        latents, hidden = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+
+        def own_prediction(noisy, t):
+            with torch.no_grad():
+                return torch.tensor([True, True]), model.unet(noisy, t, encoder_hidden_states=hidden).sample
+
+        assert diffusion_loss(model, latents, hidden, torch.Generator().manual_seed(3), base_target=own_prediction) == 0
+    finally:
+        detach_adapters(roots)
+
+    images, reg = write_images(tmp_path / "images", count=2), write_images(tmp_path / "reg", count=2)
+    out = train_lora(model, TrainConfig(images=images, reg_images=reg, reg_target="model", reg_caption_dropout=0.5,
+                                        train_text_encoder=True, out=tmp_path / "m.safetensors", steps=2,
+                                        batch_size=4, progress=False))
+    assert read(out)[1]["ss_num_reg_images"] == "2"
+    torch.testing.assert_close(unet_output(model), base)  # and the model is left as it was

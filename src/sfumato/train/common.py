@@ -429,7 +429,8 @@ def offset_noise(shape: torch.Size, offset: float, generator: torch.Generator, d
 
 
 def denoising_loss(prediction: Tensor, target: Tensor, alpha_bar: Tensor, prediction_type: str,
-                   min_snr_gamma: float = 0.0, pixel_weights: Tensor | None = None) -> Tensor:
+                   min_snr_gamma: float = 0.0, pixel_weights: Tensor | None = None,
+                   sample_weights: Tensor | None = None) -> Tensor:
     """MSE of an eps or v prediction; with `min_snr_gamma` > 0, each sample weighted by Min-SNR-γ.
 
     Min-SNR (Hang et al. 2023; kohya's --min_snr_gamma) caps the weight of the low-noise timesteps,
@@ -439,13 +440,16 @@ def denoising_loss(prediction: Tensor, target: Tensor, alpha_bar: Tensor, predic
     min(SNR, γ) / (SNR + 1). alpha_bar: (b,) of each sample's timestep.
 
     pixel_weights: (b, 1, h, w), each latent pixel's share of its sample's loss (normalized per
-    sample, so that the balance between timesteps stays Min-SNR's)."""
+    sample, so that the balance between timesteps stays Min-SNR's). sample_weights: (b,), each
+    sample's weight (kohya's prior_loss_weight on regularization images)."""
     squared = (prediction.float() - target.float()).pow(2)
     if pixel_weights is None:
         per_sample = squared.flatten(1).mean(1)
     else:
         weights = pixel_weights.to(squared)
         per_sample = (squared * weights).flatten(1).mean(1) / weights.flatten(1).mean(1)
+    if sample_weights is not None:
+        per_sample = per_sample * sample_weights.to(per_sample)
     if min_snr_gamma <= 0:
         return per_sample.mean()
     alpha_bar = alpha_bar.to(per_sample.device, torch.float32)

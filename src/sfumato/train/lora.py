@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,9 @@ TARGETS = {  # module-name endings per target group
     "attn": ("to_q", "to_k", "to_v", "to_out.0"),
     "ff": ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
     "conv": ("conv1", "conv2", "conv_shortcut"),  # resnet convs: kohya's LoCon
+    # how the UNet reads the text, and nothing else (Custom Diffusion's choice, Kumari et al. 2023): a
+    # prompt without the concept reads as before, so such LoRAs mix with less interference
+    "cross": ("attn2.to_k", "attn2.to_v"),
 }
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
@@ -44,6 +49,11 @@ class TrainConfig:
     out: Path
     caption: str | None = None        # one caption for every image, instead of .txt files
     trigger: str | None = None        # prepended to every caption
+    reg_images: Path | None = None    # regularization images (kohya's reg_data_dir), with .txt captions
+    reg_caption: str | None = None    # one caption for every regularization image
+    prior_loss_weight: float = 1.0    # kohya's: the regularization images' share of the loss
+    reg_target: str = "noise"         # regularization images learn the noise (kohya) or the base model's prediction
+    reg_caption_dropout: float = 0.0  # share of regularization captions replaced by "" (holds the unconditional)
     rank: int = 8
     alpha: float | None = None        # None: alpha = rank (scale 1)
     lr: float = 1e-4
@@ -138,6 +148,14 @@ def kohya_tensors(roots: dict[str, nn.Module], alpha: float, dtype: torch.dtype)
 
 # ----------------------------------------------------------------------------- training
 
+def training_examples(cfg: TrainConfig) -> list[Example]:
+    """The subject's images, then the regularization images (the trigger is the subject's only)."""
+    examples = collect_examples(cfg.images, cfg.caption, cfg.trigger)
+    if cfg.reg_images is not None:
+        examples += collect_examples(cfg.reg_images, cfg.reg_caption, None, prior=True)
+    return examples
+
+
 def encode_text(model, captions: list[str]) -> Tensor:
     """(b, 77, d) last-layer hidden states, as SD1/SD2 UNets were trained on."""
     tokenizer, encoder = model.tokenizers[0], model.text_encoders[0]
@@ -155,9 +173,12 @@ def encode_latents(vae, pixels: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def diffusion_loss(model, latents: Tensor, hidden: Tensor, generator: torch.Generator,
-                   noise_offset: float = 0.0, min_snr_gamma: float = 0.0) -> Tensor:
+                   noise_offset: float = 0.0, min_snr_gamma: float = 0.0,
+                   sample_weights: Tensor | None = None, base_target: Callable | None = None) -> Tensor:
     """SD's objective: noise the latents at a uniform timestep, predict eps (or v), MSE
-    (Min-SNR-weighted with min_snr_gamma > 0; see common.denoising_loss).
+    (Min-SNR-weighted with min_snr_gamma > 0, each sample weighted by sample_weights; see
+    common.denoising_loss). base_target(noisy, t) -> (rows, prediction): those rows' target is
+    the base model's own prediction instead (--reg-target model).
 
     Written out rather than via a diffusers scheduler: a Model carries alphas_cumprod, not a
     scheduler, and the forward process is these two lines."""
@@ -168,8 +189,28 @@ def diffusion_loss(model, latents: Tensor, hidden: Tensor, generator: torch.Gene
     signal, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
     noisy = signal * latents + sigma * noise
     target = noise if model.prediction_type == "epsilon" else signal * noise - sigma * latents
+    if base_target is not None:
+        rows, kept = base_target(noisy, t.to(latents.device))
+        target = target.clone()
+        target[rows] = kept.to(target)
     prediction = model.unet(noisy, t.to(latents.device), encoder_hidden_states=hidden).sample
-    return denoising_loss(prediction, target, alpha_bar.flatten(), model.prediction_type, min_snr_gamma)
+    return denoising_loss(prediction, target, alpha_bar.flatten(), model.prediction_type, min_snr_gamma,
+                          sample_weights=sample_weights)
+
+
+@contextmanager
+def adapters_off(roots: dict[str, nn.Module]) -> Iterator[None]:
+    """The base model, for as long as the block runs (peft keeps the adapters' weights aside)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for root in roots.values() for m in root.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def trainable(roots: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
@@ -237,6 +278,8 @@ def prepare(model, cfg: TrainConfig, examples: list[Example]) -> tuple[dict, dic
     multiple = 2 ** (len(model.vae.config.block_out_channels) - 1) * 2 ** (len(model.unet.down_blocks) - 1)
     if resolution % multiple:
         raise LoraError(f"--resolution {resolution} must be a multiple of {multiple} for this model")
+    if cfg.reg_target not in ("noise", "model"):
+        raise LoraError(f"--reg-target {cfg.reg_target!r}: allowed noise, model")
     if cfg.sample_every and not cfg.sample_prompts:
         raise LoraError("--sample-every needs at least one --sample-prompt")
     if cfg.resume and not cfg.state_path.is_file():
@@ -280,6 +323,15 @@ class Run:
         save_lora(path, kohya_tensors(self.roots, self.alpha, dtype), metadata)
         save_state(self.cfg, self.roots, self.optimizer, self.generator, done, self.started)
 
+    def base_prediction(self, captions: list[str], rows: Tensor) -> Callable:
+        """What the model without this LoRA predicts for these rows: regularization images learn to
+        keep it, so prompts that are not the subject's come out as before."""
+        def predict(noisy: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+            with torch.no_grad(), adapters_off(self.roots):
+                hidden = encode_text(self.model, captions).to(noisy)
+                return rows.to(noisy.device), self.model.unet(noisy[rows], t[rows], encoder_hidden_states=hidden).sample
+        return predict
+
     def step(self, batch: list[int], latents: list[Tensor] | None, texts: dict | None) -> float:
         device, dtype = self.model.unet.device, self.model.unet.dtype
         if latents is not None:
@@ -288,11 +340,19 @@ class Run:
             with torch.no_grad():
                 pixels = torch.stack([self.examples[i].pixels for i in batch])
                 x0 = encode_latents(self.model.vae, pixels, self.generator)
-        captions = [self.examples[i].caption for i in batch]
+        prior = torch.tensor([self.examples[i].prior for i in batch])
+        dropped = torch.zeros_like(prior)
+        if self.cfg.reg_caption_dropout and prior.any():
+            dropped = prior & (torch.rand(len(batch), generator=self.generator) < self.cfg.reg_caption_dropout)
+        captions = ["" if drop else self.examples[i].caption for i, drop in zip(batch, dropped.tolist(), strict=True)]
         hidden = (encode_text(self.model, captions) if texts is None
                   else torch.stack([texts[c] for c in captions]))
+        weights = torch.where(prior, self.cfg.prior_loss_weight, 1.0)
+        base_target = None
+        if self.cfg.reg_target == "model" and prior.any():
+            base_target = self.base_prediction([c for c, p in zip(captions, prior.tolist(), strict=True) if p], prior)
         loss = diffusion_loss(self.model, x0.to(device, dtype), hidden.to(device, dtype), self.generator,
-                              self.cfg.noise_offset, self.cfg.min_snr_gamma)
+                              self.cfg.noise_offset, self.cfg.min_snr_gamma, weights, base_target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -303,7 +363,7 @@ def train_lora(model, cfg: TrainConfig, examples: list[Example] | None = None) -
     """Train, write cfg.out (kohya format), and leave the model as it was. Returns cfg.out."""
     from tqdm import tqdm
 
-    examples = examples or collect_examples(cfg.images, cfg.caption, cfg.trigger)
+    examples = examples or training_examples(cfg)
     roots, names, resolution = prepare(model, cfg, examples)
     per_epoch = len(epoch_batches(examples, cfg.repeats, cfg.batch_size, cfg.seed, 0))
     total = cfg.steps or cfg.epochs * per_epoch
@@ -322,7 +382,7 @@ def train_lora(model, cfg: TrainConfig, examples: list[Example] | None = None) -
             latents = ([encode_latents(model.vae, e.pixels[None], fixed)[0] for e in examples]
                        if cfg.cache_latents else None)
             texts = (None if cfg.train_text_encoder else
-                     {c: encode_text(model, [c])[0] for c in {e.caption for e in examples}})
+                     {c: encode_text(model, [c])[0] for c in {e.caption for e in examples} | {""}})
         set_training(roots, True, cfg.gradient_checkpointing)
         bar = tqdm(total=total, initial=start, desc=f"train {cfg.out.stem}", unit="step",
                    disable=not cfg.progress)
@@ -360,6 +420,17 @@ def train_lora(model, cfg: TrainConfig, examples: list[Example] | None = None) -
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="output .safetensors")
 @click.option("--caption", default=None, help="one caption for every image (no .txt files needed)")
 @click.option("--trigger", default=None, help="word prepended to every caption")
+@click.option("--reg-images", default=None, type=click.Path(path_type=Path),
+              help="regularization images with .txt captions (kohya's reg_data_dir): pictures of what the "
+                   "model already draws, trained on beside the subject so other prompts keep working")
+@click.option("--reg-caption", default=None, help="one caption for every regularization image")
+@click.option("--prior-loss-weight", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="weight of the regularization images in the loss")
+@click.option("--reg-target", default="noise", show_default=True, type=click.Choice(["noise", "model"]),
+              help="what regularization images learn: the noise, as kohya's, or the base model's own prediction "
+                   "(distilled: other prompts keep their pictures)")
+@click.option("--reg-caption-dropout", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="share of regularization captions left empty, so CFG's unconditional prediction is kept too")
 @click.option("--rank", default=8, show_default=True, type=int, help="network dim")
 @click.option("--alpha", default=None, type=float, help="network alpha [= rank]")
 @click.option("--lr", default=1e-4, show_default=True, type=float, help="UNet learning rate")
@@ -398,7 +469,7 @@ def lora_command(images: Path, model_path: str | None, out: Path, device: str | 
         raise LoraError(f"--out {out} must end in .safetensors")
     cfg = TrainConfig(images=images, out=out, targets=tuple(options.pop("targets")),
                       sample_prompts=tuple(options.pop("sample_prompts")), **options)
-    examples = collect_examples(cfg.images, cfg.caption, cfg.trigger)  # before the slow load
+    examples = training_examples(cfg)  # before the slow load
     model = load_model(model_path or BUILTIN_MODEL, device=pick_device(device))
     train_lora(model, cfg, examples)
     click.echo(f"wrote {out}")

@@ -16,9 +16,11 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 import torch
 
 from sfumato.commands import user_errors
+from sfumato.train.lora import TARGETS
 
 SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12, max_position_embeddings=77)
@@ -136,7 +138,25 @@ def scores(pipe, prompts: list, settings: dict) -> dict[str, float]:
     return result
 
 
-def teach_one(model, concept: str, folder: Path, count: int, options: dict) -> tuple[Path, float]:
+def regularization_images(pipe, folder: Path, count: int, source: str, seed: int, size: int) -> Path:
+    """COUNT captioned images of what the base model already knows: scenes of the world's training
+    split ("world"), or the base model's own pictures of their captions ("model": DreamBooth's prior
+    preservation, which asks the LoRA to leave every other prompt as it was)."""
+    from sfumato.files import write_bytes_atomic
+    from sfumato.world.dataset import make_item, png_bytes
+
+    for index in range(count):
+        image, text, _ = make_item(seed, index, "train", size)
+        if source == "model":
+            image = np.asarray(pipe.generate(prompt=text, seed=seed + index, steps=20)[0].image)
+        path = folder / f"{index:05d}.png"
+        write_bytes_atomic(path.with_suffix(".txt"), text.encode())
+        write_bytes_atomic(path, png_bytes(image))
+    return folder
+
+
+def teach_one(model, concept: str, folder: Path, count: int, reg_images: Path | None, options: dict
+              ) -> tuple[Path, float]:
     """Export COUNT images of the concept and train a LoRA on them: (file, training minutes)."""
     from sfumato.train.lora import TrainConfig, train_lora
     from sfumato.world.dataset import export_folder
@@ -145,7 +165,7 @@ def teach_one(model, concept: str, folder: Path, count: int, options: dict) -> t
     export_folder(images, count, options["seed"], size=model.default_size, concept=concept)
     lora = folder / f"{concept}.safetensors"
     started = time.perf_counter()
-    train_lora(model, TrainConfig(images=images, out=lora, cache_latents=True, **options))
+    train_lora(model, TrainConfig(images=images, out=lora, cache_latents=True, reg_images=reg_images, **options))
     return lora, (time.perf_counter() - started) / 60
 
 
@@ -159,7 +179,17 @@ def teach_one(model, concept: str, folder: Path, count: int, options: dict) -> t
 @click.option("--rank", default=8, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--batch-size", default=4, show_default=True)
+@click.option("--target", "targets", multiple=True, default=("attn", "ff"), show_default=True,
+              type=click.Choice(list(TARGETS)), help="UNet layers to adapt (repeatable)")
 @click.option("--train-text-encoder", is_flag=True, help="adapt the text encoder too")
+@click.option("--te-lr", default=None, type=float, help="text-encoder learning rate [= --lr]")
+@click.option("--reg-images", "reg_count", default=0, show_default=True, type=click.IntRange(min=0),
+              help="regularization images: this many captions of the world's training split")
+@click.option("--reg-source", default="model", show_default=True, type=click.Choice(["model", "world"]),
+              help="regularization pictures: the base model's own (prior preservation) or the world's scenes")
+@click.option("--prior-loss-weight", default=1.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--reg-target", default="noise", show_default=True, type=click.Choice(["noise", "model"]))
+@click.option("--reg-caption-dropout", default=0.0, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--noise-offset", default=0.2, show_default=True,
               help="kohya's noise offset: the built-in model's recipe uses 0.2")
 @click.option("--images-per-prompt", default=4, show_default=True)
@@ -170,8 +200,8 @@ def teach_one(model, concept: str, folder: Path, count: int, options: dict) -> t
 @click.option("--out", default="outputs/lora-teach", show_default=True, type=click.Path(path_type=Path))
 @click.option("--device", default=None)
 @user_errors
-def teach_command(model_path, shape, pattern, count, minutes, steps, rank, lr, batch_size, train_text_encoder,
-                  noise_offset, images_per_prompt, limit, sample_steps, seed, out: Path, device) -> None:
+def teach_command(model_path, shape, pattern, count, minutes, steps, rank, lr, batch_size, targets, train_text_encoder,
+                  te_lr, reg_count, reg_source, prior_loss_weight, reg_target, reg_caption_dropout, noise_offset, images_per_prompt, limit, sample_steps, seed, out: Path, device) -> None:
     """Teach a held-out shape and a held-out pattern (a LoRA each, from COUNT exported images).
 
     Scores, before and after: each concept's prompts (its LoRA alone), the base suite's categories
@@ -203,12 +233,15 @@ def teach_command(model_path, shape, pattern, count, minutes, steps, rank, lr, b
               "mixed": mixed_prompts(shape, pattern, limit, seed), "base": base}
     before = {name: scores(pipe, prompts, settings) for name, prompts in suites.items()}
 
-    options = {"steps": steps, "rank": rank, "lr": lr, "batch_size": batch_size, "seed": seed,
-               "noise_offset": noise_offset,
-               "targets": ("attn", "ff"), "train_text_encoder": train_text_encoder, "max_minutes": minutes,
+    options = {"steps": steps, "rank": rank, "lr": lr, "te_lr": te_lr, "batch_size": batch_size, "seed": seed,
+               "noise_offset": noise_offset, "prior_loss_weight": prior_loss_weight,
+               "reg_target": reg_target, "reg_caption_dropout": reg_caption_dropout,
+               "targets": tuple(targets), "train_text_encoder": train_text_encoder, "max_minutes": minutes,
                "fp16": True}
+    reg_images = (regularization_images(pipe, out / "regularization", reg_count, reg_source, seed + 1,
+                                        model.default_size) if reg_count else None)
     (shape_lora, shape_minutes), (pattern_lora, pattern_minutes) = (
-        teach_one(model, concept, out, count, options) for concept in (shape, pattern))
+        teach_one(model, concept, out, count, reg_images, options) for concept in (shape, pattern))
     stack, after = LoraStack(model), {}
     for name, loras in ((shape, [shape_lora]), (pattern, [pattern_lora]), ("mixed", [shape_lora, pattern_lora]),
                         ("base", [shape_lora, pattern_lora])):
@@ -230,7 +263,8 @@ def teach_command(model_path, shape, pattern, count, minutes, steps, rank, lr, b
                   "base_within_0.05": max(base_drop.values()) <= 0.05,
                   "mixed_ge_0.7": after["mixed"]["mixed"] >= 0.7,
                   "train_minutes_le_10": max(shape_minutes, pattern_minutes) <= 10},
-        "settings": {**options, "targets": list(options["targets"]), "images_per_prompt": images_per_prompt,
+        "settings": {**options, "targets": list(options["targets"]), "reg_images": reg_count, "reg_source": reg_source,
+                     "images_per_prompt": images_per_prompt,
                      "sample_steps": sample_steps, "base_limit": limit,
                      "device": str(torch_device), "threads": torch.get_num_threads()},
         "loras": [str(shape_lora), str(pattern_lora)],

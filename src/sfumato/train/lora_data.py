@@ -21,12 +21,15 @@ class Example:
     image: Path
     caption: str
     pixels: Tensor | None = field(default=None, repr=False)  # (3, h, w) in [-1, 1]
+    prior: bool = False  # a regularization image (kohya's reg_data_dir), not one of the subject
 
 
 # ----------------------------------------------------------------------------- data
 
-def collect_examples(folder: Path, caption: str | None, trigger: str | None) -> list[Example]:
-    """Every image of the folder with its caption; checks them all before any training."""
+def collect_examples(folder: Path, caption: str | None, trigger: str | None, prior: bool = False
+                     ) -> list[Example]:
+    """Every image of the folder with its caption; checks them all before any training.
+    prior: the folder holds regularization images."""
     if not folder.is_dir():
         raise LoraError(f"image folder {folder} does not exist")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -46,7 +49,7 @@ def collect_examples(folder: Path, caption: str | None, trigger: str | None) -> 
                 raise LoraError(f"image {path.name} has no caption file {caption_file.name}; "
                                 "add one per image or give --caption for all")
             text = caption_file.read_text(encoding="utf-8").strip()
-        examples.append(Example(path, f"{trigger}, {text}" if trigger else text))
+        examples.append(Example(path, f"{trigger}, {text}" if trigger else text, prior=prior))
     return examples
 
 
@@ -85,10 +88,17 @@ def load_pixels(examples: list[Example], resolution: int, step: int, buckets: bo
 
 def epoch_batches(examples: list[Example], repeats: int, batch_size: int, seed: int, epoch: int
                   ) -> list[list[int]]:
-    """Shuffled batches of example indices for one epoch; a batch holds one image size only."""
+    """Shuffled batches of example indices for one epoch; a batch holds one image size only.
+
+    Regularization images, as kohya draws them: as many per epoch as subject images (with their
+    repeats), cycling through the regularization set, so each batch holds about half of each."""
     rng = np.random.default_rng([seed, epoch])
+    subject = np.repeat([i for i, e in enumerate(examples) if not e.prior], repeats)
+    prior = rng.permutation([i for i, e in enumerate(examples) if e.prior]).astype(int)
+    if len(prior):
+        subject = np.concatenate([subject, np.resize(prior, len(subject))])
     by_size: dict[tuple, list[int]] = {}
-    for i in rng.permutation(np.repeat(np.arange(len(examples)), repeats)):
+    for i in rng.permutation(subject):
         by_size.setdefault(tuple(examples[i].pixels.shape), []).append(int(i))
     batches = [group[k:k + batch_size] for group in by_size.values()
                for k in range(0, len(group), batch_size)]

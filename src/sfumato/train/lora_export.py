@@ -41,10 +41,12 @@ def tag_frequency(examples: list[Example], folder: Path, repeats: int) -> str:
 def kohya_metadata(cfg: TrainConfig, model, examples: list[Example], *, step: int, epoch: int,
                    epochs: int, total: int, started: float, resolution: int) -> dict[str, str]:
     alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
+    subject = [e for e in examples if not e.prior]
     values = {
         "ss_network_module": "networks.lora", "ss_network_dim": cfg.rank, "ss_network_alpha": alpha,
         "ss_network_args": json.dumps({"targets": list(cfg.targets)}),
-        "ss_num_train_images": len(examples) * cfg.repeats, "ss_num_reg_images": 0,
+        "ss_num_train_images": len(subject) * cfg.repeats, "ss_num_reg_images": len(examples) - len(subject),
+        "ss_prior_loss_weight": cfg.prior_loss_weight,
         "ss_num_batches_per_epoch": total // max(epochs, 1), "ss_num_epochs": epochs,
         "ss_epoch": epoch, "ss_steps": step, "ss_max_train_steps": total,
         "ss_learning_rate": cfg.lr, "ss_unet_lr": cfg.lr,
@@ -59,7 +61,7 @@ def kohya_metadata(cfg: TrainConfig, model, examples: list[Example], *, step: in
         "ss_output_name": cfg.out.stem, "ss_base_model_version": BASE_MODEL_VERSION[model.family],
         "ss_v2": model.family == "sd2", "ss_v_parameterization": model.prediction_type == "v_prediction",
         "ss_sd_model_name": model.name, "ss_sd_model_hash": model.hash,
-        "ss_tag_frequency": tag_frequency(examples, cfg.images, cfg.repeats),
+        "ss_tag_frequency": tag_frequency(subject, cfg.images, cfg.repeats),
         "ss_caption_extension": ".txt" if cfg.caption is None else "",
     }
     return {k: str(v) for k, v in values.items()}
