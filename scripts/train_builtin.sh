@@ -22,8 +22,8 @@
 #      which a recipe with text_encoder_lr tunes), the first from INIT_FROM (else from scratch); a tuned text
 #      encoder is then locked and the CLIP's vision side trained again against it (clip_realign, so the model
 #      ships one text tower), and the last UNet alone is assembled into OUTDIR/builtin. The shipped model's
-#      curriculum (sessions 21-23; ~3 h on 2 cores, from the candidate's VAE and CLIP):
-#        CHAIN=1 UNETS="unet_white unet_colours unet_mixed unet_mixed_again unet_world" \
+#      curriculum (sessions 21-24; ~4 h on 2 cores, from the candidate's VAE and CLIP):
+#        CHAIN=1 UNETS="unet_white unet_colours unet_mixed unet_mixed_again unet_world unet_world2" \
 #          VAE_FROM=train_checkpoints/candidate CLIP_FROM=train_checkpoints/candidate scripts/train_builtin.sh runs/cur
 #      and the whole of it from scratch: VAE_RECIPE=vae_robust CLIP_RECIPE=clip_shapes and the same CHAIN and UNETS.
 #      PARALLEL (1 by default with --gpu): stages that do not depend on each other run at once (VAE beside
