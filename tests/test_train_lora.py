@@ -228,6 +228,9 @@ def test_regularization_images_fill_half_of_each_epoch_and_weigh_the_prior_loss(
     meta = read(out)[1]
     assert (meta["ss_num_train_images"], meta["ss_num_reg_images"], meta["ss_prior_loss_weight"]) == ("2", "3", "0.5")
     assert meta["ss_steps"] == "2"  # an epoch: 2 subject images + 2 regularization images, in batches of 2
+    with pytest.raises(LoraError, match="--reg-caption"):
+        train_lora(model, TrainConfig(images=images, reg_images=write_images(tmp_path / "bare", captions=False),
+                                      out=tmp_path / "b.safetensors", steps=1, progress=False))
     assert json.loads(meta["ss_tag_frequency"]) == {"1_images": {"sks": 2, "a red star": 2, "style 0": 1, "style 1": 1}}
 
 

@@ -46,8 +46,9 @@ def collect_examples(folder: Path, caption: str | None, trigger: str | None, pri
         if text is None:
             caption_file = path.with_suffix(".txt")
             if not caption_file.is_file():
+                option = "--reg-caption" if prior else "--caption"
                 raise LoraError(f"image {path.name} has no caption file {caption_file.name}; "
-                                "add one per image or give --caption for all")
+                                f"add one per image or give {option} for all")
             text = caption_file.read_text(encoding="utf-8").strip()
         examples.append(Example(path, f"{trigger}, {text}" if trigger else text, prior=prior))
     return examples
