@@ -40,6 +40,7 @@ TARGETS = {  # module-name endings per target group
     "cross": ("attn2.to_k", "attn2.to_v"),
 }
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+REG_TARGETS = ("noise", "model")  # what regularization images learn (TrainConfig.reg_target)
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 
@@ -278,8 +279,8 @@ def prepare(model, cfg: TrainConfig, examples: list[Example]) -> tuple[dict, dic
     multiple = 2 ** (len(model.vae.config.block_out_channels) - 1) * 2 ** (len(model.unet.down_blocks) - 1)
     if resolution % multiple:
         raise LoraError(f"--resolution {resolution} must be a multiple of {multiple} for this model")
-    if cfg.reg_target not in ("noise", "model"):
-        raise LoraError(f"--reg-target {cfg.reg_target!r}: allowed noise, model")
+    if cfg.reg_target not in REG_TARGETS:
+        raise LoraError(f"--reg-target {cfg.reg_target!r}: allowed {', '.join(REG_TARGETS)}")
     if cfg.sample_every and not cfg.sample_prompts:
         raise LoraError("--sample-every needs at least one --sample-prompt")
     if cfg.resume and not cfg.state_path.is_file():
@@ -323,16 +324,16 @@ class Run:
         save_lora(path, kohya_tensors(self.roots, self.alpha, dtype), metadata)
         save_state(self.cfg, self.roots, self.optimizer, self.generator, done, self.started)
 
-    def base_prediction(self, captions: list[str], rows: Tensor) -> Callable:
+    def base_prediction(self, captions: list[str], rows: Tensor, base_texts: dict[str, Tensor]) -> Callable:
         """What the model without this LoRA predicts for these rows: regularization images learn to
         keep it, so prompts that are not the subject's come out as before."""
         def predict(noisy: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+            hidden = torch.stack([base_texts[c] for c in captions]).to(noisy)
             with torch.no_grad(), adapters_off(self.roots):
-                hidden = encode_text(self.model, captions).to(noisy)
                 return rows.to(noisy.device), self.model.unet(noisy[rows], t[rows], encoder_hidden_states=hidden).sample
         return predict
 
-    def step(self, batch: list[int], latents: list[Tensor] | None, texts: dict | None) -> float:
+    def step(self, batch: list[int], latents: list[Tensor] | None, base_texts: dict[str, Tensor]) -> float:
         device, dtype = self.model.unet.device, self.model.unet.dtype
         if latents is not None:
             x0 = torch.stack([latents[i] for i in batch])
@@ -345,12 +346,13 @@ class Run:
         if self.cfg.reg_caption_dropout and prior.any():
             dropped = prior & (torch.rand(len(batch), generator=self.generator) < self.cfg.reg_caption_dropout)
         captions = ["" if drop else self.examples[i].caption for i, drop in zip(batch, dropped.tolist(), strict=True)]
-        hidden = (encode_text(self.model, captions) if texts is None
-                  else torch.stack([texts[c] for c in captions]))
+        hidden = (encode_text(self.model, captions) if self.cfg.train_text_encoder
+                  else torch.stack([base_texts[c] for c in captions]))
         weights = torch.where(prior, self.cfg.prior_loss_weight, 1.0)
         base_target = None
         if self.cfg.reg_target == "model" and prior.any():
-            base_target = self.base_prediction([c for c, p in zip(captions, prior.tolist(), strict=True) if p], prior)
+            base_target = self.base_prediction([c for c, p in zip(captions, prior.tolist(), strict=True) if p], prior,
+                                               base_texts)
         loss = diffusion_loss(self.model, x0.to(device, dtype), hidden.to(device, dtype), self.generator,
                               self.cfg.noise_offset, self.cfg.min_snr_gamma, weights, base_target)
         self.optimizer.zero_grad(set_to_none=True)
@@ -377,12 +379,14 @@ def train_lora(model, cfg: TrainConfig, examples: list[Example] | None = None) -
                   torch.Generator().manual_seed(cfg.seed), alpha, total, per_epoch, resolution)
         start, run.started = (restore_state(cfg, roots, run.optimizer, run.generator) if cfg.resume
                               else (0, time.time()))
-        with torch.no_grad():  # what does not change during training is computed once
+        with torch.no_grad(), adapters_off(roots):  # what does not change during training, computed once
             fixed = torch.Generator().manual_seed(cfg.seed + 1)
             latents = ([encode_latents(model.vae, e.pixels[None], fixed)[0] for e in examples]
                        if cfg.cache_latents else None)
-            texts = (None if cfg.train_text_encoder else
-                     {c: encode_text(model, [c])[0] for c in {e.caption for e in examples} | {""}})
+            # the base model's reading of every caption (and of the empty one): the UNet's input while the
+            # text encoder is frozen, and the regularization target's with --reg-target model
+            captions = sorted({e.caption for e in examples} | {""})
+            base_texts = dict(zip(captions, encode_text(model, captions), strict=True))
         set_training(roots, True, cfg.gradient_checkpointing)
         bar = tqdm(total=total, initial=start, desc=f"train {cfg.out.stem}", unit="step",
                    disable=not cfg.progress)
@@ -393,7 +397,7 @@ def train_lora(model, cfg: TrainConfig, examples: list[Example] | None = None) -
             epoch, position = divmod(done - 1, per_epoch)
             if epoch not in batches:
                 batches = {epoch: epoch_batches(examples, cfg.repeats, cfg.batch_size, cfg.seed, epoch)}
-            loss = run.step(batches[epoch][position], latents, texts)
+            loss = run.step(batches[epoch][position], latents, base_texts)
             smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
             bar.update()
             bar.set_postfix(loss=f"{smooth:.4f}", epoch=epoch + 1)
@@ -426,7 +430,7 @@ def train_lora(model, cfg: TrainConfig, examples: list[Example] | None = None) -
 @click.option("--reg-caption", default=None, help="one caption for every regularization image")
 @click.option("--prior-loss-weight", default=1.0, show_default=True, type=click.FloatRange(min=0),
               help="weight of the regularization images in the loss")
-@click.option("--reg-target", default="noise", show_default=True, type=click.Choice(["noise", "model"]),
+@click.option("--reg-target", default="noise", show_default=True, type=click.Choice(REG_TARGETS),
               help="what regularization images learn: the noise, as kohya's, or the base model's own prediction "
                    "(distilled: other prompts keep their pictures)")
 @click.option("--reg-caption-dropout", default=0.0, show_default=True, type=click.FloatRange(0, 1),

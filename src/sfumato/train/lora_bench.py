@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from sfumato.commands import user_errors
-from sfumato.train.lora import TARGETS
+from sfumato.train.lora import REG_TARGETS, TARGETS
 
 SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12, max_position_embeddings=77)
@@ -143,15 +143,14 @@ def regularization_images(pipe, folder: Path, count: int, source: str, seed: int
     split ("world"), or the base model's own pictures of their captions ("model": DreamBooth's prior
     preservation, which asks the LoRA to leave every other prompt as it was)."""
     from sfumato.files import write_bytes_atomic
-    from sfumato.world.dataset import make_item, png_bytes
+    from sfumato.world.dataset import export_folder, png_bytes
 
-    for index in range(count):
-        image, text, _ = make_item(seed, index, "train", size)
-        if source == "model":
-            image = np.asarray(pipe.generate(prompt=text, seed=seed + index, steps=20)[0].image)
-        path = folder / f"{index:05d}.png"
-        write_bytes_atomic(path.with_suffix(".txt"), text.encode())
-        write_bytes_atomic(path, png_bytes(image))
+    paths = export_folder(folder, count, seed, split="train", size=size)
+    if source == "model":  # the same captions, drawn by the model
+        for index, path in enumerate(paths):
+            caption = path.with_suffix(".txt").read_text(encoding="utf-8")
+            image = pipe.generate(prompt=caption, seed=seed + index, steps=20)[0].image
+            write_bytes_atomic(path, png_bytes(np.asarray(image)))
     return folder
 
 
@@ -188,7 +187,7 @@ def teach_one(model, concept: str, folder: Path, count: int, reg_images: Path | 
 @click.option("--reg-source", default="model", show_default=True, type=click.Choice(["model", "world"]),
               help="regularization pictures: the base model's own (prior preservation) or the world's scenes")
 @click.option("--prior-loss-weight", default=1.0, show_default=True, type=click.FloatRange(min=0))
-@click.option("--reg-target", default="noise", show_default=True, type=click.Choice(["noise", "model"]))
+@click.option("--reg-target", default="noise", show_default=True, type=click.Choice(REG_TARGETS))
 @click.option("--reg-caption-dropout", default=0.0, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--noise-offset", default=0.2, show_default=True,
               help="kohya's noise offset: the built-in model's recipe uses 0.2")
@@ -200,8 +199,10 @@ def teach_one(model, concept: str, folder: Path, count: int, reg_images: Path | 
 @click.option("--out", default="outputs/lora-teach", show_default=True, type=click.Path(path_type=Path))
 @click.option("--device", default=None)
 @user_errors
-def teach_command(model_path, shape, pattern, count, minutes, steps, rank, lr, batch_size, targets, train_text_encoder,
-                  te_lr, reg_count, reg_source, prior_loss_weight, reg_target, reg_caption_dropout, noise_offset, images_per_prompt, limit, sample_steps, seed, out: Path, device) -> None:
+def teach_command(model_path, shape, pattern, count, minutes, steps, rank, lr, batch_size, targets,
+                  train_text_encoder, te_lr, reg_count, reg_source, prior_loss_weight, reg_target,
+                  reg_caption_dropout, noise_offset, images_per_prompt, limit, sample_steps, seed, out: Path,
+                  device) -> None:
     """Teach a held-out shape and a held-out pattern (a LoRA each, from COUNT exported images).
 
     Scores, before and after: each concept's prompts (its LoRA alone), the base suite's categories
@@ -263,8 +264,8 @@ def teach_command(model_path, shape, pattern, count, minutes, steps, rank, lr, b
                   "base_within_0.05": max(base_drop.values()) <= 0.05,
                   "mixed_ge_0.7": after["mixed"]["mixed"] >= 0.7,
                   "train_minutes_le_10": max(shape_minutes, pattern_minutes) <= 10},
-        "settings": {**options, "targets": list(options["targets"]), "reg_images": reg_count, "reg_source": reg_source,
-                     "images_per_prompt": images_per_prompt,
+        "settings": {**options, "targets": list(options["targets"]), "reg_images": reg_count,
+                     "reg_source": reg_source, "images_per_prompt": images_per_prompt,
                      "sample_steps": sample_steps, "base_limit": limit,
                      "device": str(torch_device), "threads": torch.get_num_threads()},
         "loras": [str(shape_lora), str(pattern_lora)],
