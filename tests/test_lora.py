@@ -11,14 +11,16 @@ from tiny import tiny_components
 from sfumato.errors import LoraError
 from sfumato.lora import LoraStack, model_components, resolve_lora_path
 from sfumato.lora_formats import canonical_path
+from sfumato.text import load_clip_tokenizer
 
 RANK = 4
+TOKENIZER = load_clip_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model():
     unet, _, text = tiny_components(seed=0)
-    return SimpleNamespace(family="sd1", unet=unet, text_encoders=[text])
+    return SimpleNamespace(family="sd1", unet=unet, text_encoders=[text], tokenizers=[TOKENIZER])
 
 
 def weights(model):
@@ -146,7 +148,7 @@ def test_same_set_is_not_reapplied_and_switching_is_exact(model, tmp_path, monke
 
 def test_fp16_model_restores_bit_exactly(tmp_path):
     unet, _, text = tiny_components(seed=1)
-    model = SimpleNamespace(family="sd1", unet=unet.half(), text_encoders=[text.half()])
+    model = SimpleNamespace(family="sd1", unet=unet.half(), text_encoders=[text.half()], tokenizers=[TOKENIZER])
     kohya_file(tmp_path / "k.safetensors")
     before = weights(model)
     stack = LoraStack(model)
@@ -160,7 +162,7 @@ def test_merging_never_writes_into_the_loaded_weights(tmp_path):
     """The weights as loaded (views of a checkpoint's memory map) stay untouched: merged weights
     get memory of their own, and removing the LoRAs puts the very same tensors back."""
     unet, _, text = tiny_components(seed=2)
-    model = SimpleNamespace(family="sd1", unet=unet.half(), text_encoders=[text.half()])
+    model = SimpleNamespace(family="sd1", unet=unet.half(), text_encoders=[text.half()], tokenizers=[TOKENIZER])
     kohya_file(tmp_path / "k.safetensors")
     loaded = {name: (p, p.data, p.data.clone())
               for name, p in [*model.unet.named_parameters(), *model.text_encoders[0].named_parameters()]}
@@ -213,12 +215,15 @@ def test_sdxl_te1_and_te2_go_to_their_own_encoder(tmp_path):
                             num_attention_heads=4, projection_dim=32)
     torch.manual_seed(0)
     model = SimpleNamespace(family="sdxl", unet=tiny_sdxl_unet(),
-                            text_encoders=[CLIPTextModel(config), CLIPTextModelWithProjection(config)])
+                            text_encoders=[CLIPTextModel(config), CLIPTextModelWithProjection(config)],
+                            tokenizers=[TOKENIZER, TOKENIZER])
     down1, up1 = low_rank((32,), (32,), seed=1)
     down2, up2 = low_rank((32,), (32,), seed=2)
     layer = "text_model_encoder_layers_0_self_attn_v_proj"
+    vectors = {"clip_l": torch.randn(1, 32), "clip_g": torch.randn(1, 32)}
     save_file({f"lora_te1_{layer}.lora_down.weight": down1, f"lora_te1_{layer}.lora_up.weight": up1,
-               f"lora_te2_{layer}.lora_down.weight": down2, f"lora_te2_{layer}.lora_up.weight": up2},
+               f"lora_te2_{layer}.lora_down.weight": down2, f"lora_te2_{layer}.lora_up.weight": up2,
+               **{f"bundle_emb.star.{k}": v for k, v in vectors.items()}},
               str(tmp_path / "xl.safetensors"))
     before = weights(model)
     LoraStack(model).activate([(str(tmp_path / "xl.safetensors"), 1.0, 1.0)])
@@ -228,6 +233,42 @@ def test_sdxl_te1_and_te2_go_to_their_own_encoder(tmp_path):
                                before[f"text_encoder.{key}"] + expected_delta(down1, up1, RANK, (32, 32)))
     torch.testing.assert_close(after[f"text_encoder_2.{key}"],
                                before[f"text_encoder_2.{key}"] + expected_delta(down2, up2, RANK, (32, 32)))
+    [star] = TOKENIZER("star", add_special_tokens=False).input_ids
+    for component, part in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")):
+        torch.testing.assert_close(after[f"{component}.{EMBEDDING}"][star], vectors[part][0])
+
+
+EMBEDDING = "text_model.embeddings.token_embedding.weight"
+
+
+def test_bundled_embedding_sets_its_names_rows_while_applied(model, tmp_path):
+    tokens = TOKENIZER("hexagon", add_special_tokens=False).input_ids
+    vectors = torch.randn(len(tokens), 32)
+    save_file({"bundle_emb.hexagon.string_to_param.*": vectors}, str(tmp_path / "hex.safetensors"))
+    before = weights(model)
+    stack = LoraStack(model)
+    stack.activate([(str(tmp_path / "hex.safetensors"), 0.0, 0.0)])  # applied whatever the weights, as A1111
+    assert stack.reports["hex"].embeddings == ["hexagon"] and stack.reports["hex"].layers == 0
+    after = weights(model)
+    torch.testing.assert_close(after["text_encoder." + EMBEDDING][tokens], vectors)
+    others = torch.ones(len(after["text_encoder." + EMBEDDING]), dtype=torch.bool)
+    others[tokens] = False
+    assert torch.equal(after["text_encoder." + EMBEDDING][others], before["text_encoder." + EMBEDDING][others])
+    stack.remove_all()
+    assert same(weights(model), before)
+
+
+def test_bundled_embeddings_that_cannot_apply_are_errors(model, tmp_path):
+    save_file({"bundle_emb.hexagon.string_to_param.*": torch.randn(5, 32)}, str(tmp_path / "five.safetensors"))
+    save_file({"bundle_emb.star.string_to_param.*": torch.randn(1, 32)}, str(tmp_path / "a.safetensors"))
+    save_file({"bundle_emb.star.string_to_param.*": torch.randn(1, 32)}, str(tmp_path / "b.safetensors"))
+    before = weights(model)
+    stack = LoraStack(model)
+    with pytest.raises(LoraError, match="has 5 vectors but its name reads as 2 tokens"):
+        stack.activate([(str(tmp_path / "five.safetensors"), 1.0, 1.0)])
+    with pytest.raises(LoraError, match="set the same token"):
+        stack.activate([(str(tmp_path / "a.safetensors"), 1.0, 1.0), (str(tmp_path / "b.safetensors"), 1.0, 1.0)])
+    assert same(weights(model), before)
 
 
 @pytest.mark.parametrize("keys, fmt", [

@@ -163,7 +163,7 @@ def test_teach_benchmark_trains_two_concepts_and_scores_them(tiny_model_dir, tmp
     result = CliRunner().invoke(lora_bench_command, [
         "teach", "--model", str(tiny_model_dir), "--images", "3", "--steps", "2", "--rank", "2",
         "--batch-size", "2", "--limit", "1", "--images-per-prompt", "1", "--sample-steps", "2",
-        "--reg-images", "2", "--out", str(out)], catch_exceptions=False)
+        "--reg-images", "2", "--learn-words", "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "result.json").read_text())
     assert (report["shape"], report["pattern"]) == ("hexagon", "checkered")
@@ -177,6 +177,7 @@ def test_teach_benchmark_trains_two_concepts_and_scores_them(tiny_model_dir, tmp
         tensors, metadata = read(out / f"{concept}.safetensors")
         assert metadata["ss_network_dim"] == "2" and any(k.endswith(".lora_down.weight") for k in tensors)
         assert metadata["ss_num_reg_images"] == "2"  # the base model's pictures of two world captions
+        assert f"bundle_emb.{concept}.string_to_param.*" in tensors  # --learn-words: its word's vectors
     assert len(list((out / "regularization").glob("*.png"))) == 2
 
 
@@ -283,3 +284,29 @@ def test_model_target_regularization_keeps_the_base_models_prediction(model, tmp
                                         batch_size=4, progress=False))
     assert read(out)[1]["ss_num_reg_images"] == "2"
     torch.testing.assert_close(unet_output(model), base)  # and the model is left as it was
+
+
+def test_learned_word_is_bundled_as_a1111_reads_it_and_leaves_the_encoder_as_it_was(model, tmp_path):
+    embedding = model.text_encoders[0].get_input_embeddings().weight
+    before = embedding.detach().clone()
+    out = train_lora(model, TrainConfig(images=write_images(tmp_path / "images", count=2), out=tmp_path / "w.safetensors",
+                                        steps=3, lr=1e-2, rank=2, words=("star",), progress=False))
+    tensors, _ = read(out)
+    [star] = model.tokenizers[0]("star", add_special_tokens=False).input_ids
+    vectors = tensors["bundle_emb.star.string_to_param.*"]
+    assert vectors.shape == (1, embedding.shape[1])
+    assert (vectors[0] - before[star]).abs().max() > 1e-4  # learned
+    assert not any(k.startswith("lora_te_") for k in tensors)  # the word only, not the encoder's layers
+    assert torch.equal(model.text_encoders[0].get_input_embeddings().weight, before)
+    stack = LoraStack(model)  # and sfumato reads it back as the word's rows
+    stack.activate([(str(out), 1.0, 1.0)])
+    torch.testing.assert_close(model.text_encoders[0].get_input_embeddings().weight[star], vectors[0])
+    stack.remove_all()
+    assert torch.equal(model.text_encoders[0].get_input_embeddings().weight, before)
+
+
+@pytest.mark.parametrize("words, message", [(("hexagon",), "appears in none"), (("",), "not blank")])
+def test_learned_word_must_be_in_the_captions(model, tmp_path, words, message):
+    with pytest.raises(LoraError, match=message):
+        train_lora(model, TrainConfig(images=write_images(tmp_path / "images", count=2), out=tmp_path / "w.safetensors",
+                                      steps=1, words=words, progress=False))

@@ -105,6 +105,17 @@ def test_swap_word_swaps_the_first_word_of_its_kind_in_the_same_number():
     assert swap_word("a plain blue background", SHAPES, rng) is None
 
 
+def test_hard_negatives_never_name_a_held_out_concept():
+    import random
+
+    from sfumato.train.clip import hard_negative
+    from sfumato.world.scenes import held_out
+
+    rng, concepts = random.Random(0), held_out().concept_shapes
+    swapped = {hard_negative("a red star above a blue circle", rng).split()[2] for _ in range(200)}
+    assert swapped and not swapped & concepts and len(swapped) > 3
+
+
 def test_a_plain_caption_names_every_object_and_the_background_in_one_wording():
     star = ObjectSpec("star", "red", "large", 0.5, 0.5)
     assert plain_caption(Scene("white", (star,))) == "a large red star on a white background"

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from sfumato.errors import LoraError
-from sfumato.lora_formats import ModuleIndex, ParsedLora, parse_lora
+from sfumato.lora_formats import (
+    TOKEN_EMBEDDING,
+    BundledEmbedding,
+    ModuleIndex,
+    ParsedLora,
+    parse_lora,
+)
 
 if TYPE_CHECKING:
     from sfumato.checkpoints import Model
@@ -42,6 +48,7 @@ class LoraReport:
     matched_keys: int
     skipped_keys: list[str]
     layers: int
+    embeddings: list[str] = field(default_factory=list)  # names of the embeddings it bundles
 
 
 @dataclass
@@ -134,6 +141,7 @@ class LoraStack:
 
     def __init__(self, model: Model, lora_dir: str | Path | None = None, *, allow_paths: bool = True):
         self.components = model_components(model)
+        self.tokenizers = dict(zip(["text_encoder", "text_encoder_2"], model.tokenizers, strict=False))
         self.index = ModuleIndex(self.components)
         self.lora_dir = Path(lora_dir) if lora_dir else None
         self.allow_paths = allow_paths  # False for untrusted prompts (a server): names only
@@ -156,7 +164,8 @@ class LoraStack:
         self._active = key
         self._hashes = {name: lora.short_hash for name, lora, _, _ in loaded}
         self.reports = {name: LoraReport(name, lora.path, lora.parsed.matched_keys,
-                                         lora.parsed.skipped_keys, len(lora.parsed.layers))
+                                         lora.parsed.skipped_keys, len(lora.parsed.layers),
+                                         [e.name for e in lora.parsed.embeddings])
                         for name, lora, _, _ in loaded}
         return dict(self._hashes)
 
@@ -181,7 +190,7 @@ class LoraStack:
             return cached
         tensors, metadata = read_safetensors(path)
         parsed = parse_lora(tensors, self.index, path.name, peft_default_alpha(path))
-        if not parsed.layers:
+        if not parsed.layers and not parsed.embeddings:
             raise LoraError(f"{path.name}: none of its {len(tensors)} keys match a layer of this "
                             f"model (a LoRA for another model family?); e.g. {next(iter(tensors), '')}")
         if parsed.skipped_keys:
@@ -207,8 +216,36 @@ class LoraStack:
                     target = (layer.component, layer.module)
                     device = self._weight(target).device
                     parts.setdefault(target, []).append(layer.factors(device, multiplier))
+        claimed: dict[tuple[str, int], BundledEmbedding] = {}
+        for parsed, _, _ in loras:  # A1111 uses a bundled embedding whatever the LoRA's weights
+            for embedding in parsed.embeddings:
+                target = (embedding.component, TOKEN_EMBEDDING)
+                parts.setdefault(target, []).append(self._embedding_factors(embedding, claimed))
         return {t: (torch.cat([u for u, _ in p], dim=1), torch.cat([d for _, d in p]))
                 for t, p in parts.items()}
+
+    def _embedding_factors(self, embedding: BundledEmbedding, claimed: dict) -> tuple[Tensor, Tensor]:
+        """A bundled embedding as a low-rank update of the token embedding: the rows of its name's
+        tokens set to its vectors (up: one-hot columns, down: vectors minus the rows as loaded).
+
+        A1111 swaps the name's tokens for the vectors in the prompt, whatever their number; setting
+        the rows does the same where the numbers agree, and costs nothing per prompt."""
+        tokens = self.tokenizers[embedding.component](embedding.name, add_special_tokens=False).input_ids
+        where = f"{embedding.filename}: bundled embedding {embedding.name!r}"
+        if len(tokens) != len(embedding.vectors):
+            raise LoraError(f"{where} has {len(embedding.vectors)} vectors but its name reads as {len(tokens)} "
+                            "tokens; sfumato applies bundled embeddings whose vectors match their name's tokens")
+        for token in tokens:
+            other = claimed.setdefault((embedding.component, token), embedding)
+            if other is not embedding:
+                raise LoraError(f"{where} and {other.filename}: bundled embedding {other.name!r} set the same token; "
+                                "use one of them")
+        target = (embedding.component, TOKEN_EMBEDDING)
+        weight = self._weight(target)
+        original = self._originals.get(target, weight.detach())[tokens].to(weight.device, torch.float32)
+        up = torch.zeros(weight.shape[0], len(tokens), device=weight.device)
+        up[tokens, torch.arange(len(tokens))] = 1.0
+        return up, embedding.vectors.to(weight.device, torch.float32) - original
 
     @torch.no_grad()
     def _merge(self, factors: dict[tuple[str, str], tuple[Tensor, Tensor]]) -> None:

@@ -10,6 +10,9 @@ Two key layouts are in circulation for Stable Diffusion:
   `.lora.down.weight` / `.lora.up.weight`), `text_encoder.` / `text_encoder_2.` for the encoders,
   and bare peft names (`base_model.model.<path>` or just `<path>`).
 
+A file may also bundle textual-inversion embeddings (A1111: `bundle_emb.<name>.string_to_param.*`, SDXL
+`bundle_emb.<name>.clip_l` / `.clip_g`): vectors that stand for the name's tokens in a prompt.
+
 Underscored kohya names are ambiguous to split back into a path (`to_q` vs `to.q`), so instead of
 rewriting strings (as diffusers' private `_convert_non_diffusers_lora_to_diffusers` does) we index
 every layer of the actual model under each name it can have in a file, and look names up.
@@ -51,6 +54,9 @@ UNSUPPORTED_FORMATS = {
     "oft_blocks": "OFT (oft_blocks)",
     ".on_input": "(IA)^3",
 }
+# bundle_emb.<name>.<ending>: which text encoder the vectors are for
+TOKEN_EMBEDDING = "text_model.embeddings.token_embedding"  # a CLIP text encoder's, as files name it
+BUNDLE_ENDINGS = {".string_to_param.*": "text_encoder", ".clip_l": "text_encoder", ".clip_g": "text_encoder_2"}
 SUPPORTED = "plain LoRA (kohya lora_down/lora_up/alpha, diffusers/peft lora_A/lora_B)"
 
 # Inside a UNet resnet the LDM and diffusers layer names differ too.
@@ -81,10 +87,32 @@ class LoraLayer:
 
 
 @dataclass
+class BundledEmbedding:
+    """An embedding inside a LoRA file: vectors that stand for its name's tokens in a prompt."""
+
+    filename: str
+    name: str
+    component: str   # the text encoder it is for
+    vectors: Tensor  # (tokens, width)
+
+
+@dataclass
 class ParsedLora:
     layers: list[LoraLayer]
     matched_keys: int
     skipped_keys: list[str] = field(default_factory=list)  # keys that fit no layer of the model
+    embeddings: list[BundledEmbedding] = field(default_factory=list)
+
+
+def bundled_embedding(key: str, tensor: Tensor, index: ModuleIndex, filename: str) -> BundledEmbedding | None:
+    """The embedding a bundle_emb.* key holds, if the model has its text encoder at its width."""
+    for ending, component in BUNDLE_ENDINGS.items():
+        if key.endswith(ending):
+            name = key.removeprefix("bundle_emb.").removesuffix(ending)
+            table = index.layers.get(component, {}).get(TOKEN_EMBEDDING)
+            if table is not None and tensor.dim() == 2 and tensor.shape[1] == table.weight.shape[1]:
+                return BundledEmbedding(filename, name, component, tensor)
+    return None
 
 
 def ldm_unet_names(unet: nn.Module) -> dict[str, str]:
@@ -207,9 +235,14 @@ def parse_lora(tensors: dict[str, Tensor], index: ModuleIndex, filename: str,
     refuse_unsupported(tensors, filename)
     groups: dict[str, dict[str, tuple[str, Tensor]]] = defaultdict(dict)
     skipped: list[str] = []
+    embeddings = []
     for key, tensor in tensors.items():
         split = split_key(key)
-        if split is None:
+        if key.startswith("bundle_emb."):
+            embedding = bundled_embedding(key, tensor, index, filename)
+            embeddings += [embedding] if embedding else []
+            skipped += [] if embedding else [key]
+        elif split is None:
             skipped.append(key)
         else:
             groups[split[0]][split[1]] = (key, tensor)
@@ -229,4 +262,4 @@ def parse_lora(tensors: dict[str, Tensor], index: ModuleIndex, filename: str,
         alpha = float(parts["alpha"][1]) if "alpha" in parts else (default_alpha or down.shape[0])
         layers.append(LoraLayer(target[0], target[1], down, up, alpha))
         matched += len(keys)
-    return ParsedLora(layers, matched, sorted(skipped))
+    return ParsedLora(layers, matched + len(embeddings), sorted(skipped), embeddings)

@@ -9,6 +9,7 @@ objective is Stable Diffusion's own: predict the noise (or v) added at a uniform
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,6 +43,7 @@ TARGETS = {  # module-name endings per target group
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 REG_TARGETS = ("noise", "model")  # what regularization images learn (TrainConfig.reg_target)
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+WORD_PARAM = "trainable_tokens_delta"  # peft's name for a learned word's token vectors
 
 
 @dataclass
@@ -59,6 +61,8 @@ class TrainConfig:
     alpha: float | None = None        # None: alpha = rank (scale 1)
     lr: float = 1e-4
     te_lr: float | None = None        # None: same as lr
+    words: tuple[str, ...] = ()       # words whose token vectors are learned, bundled in the file (bundle_emb)
+    word_lr: float | None = None      # None: same as lr
     train_text_encoder: bool = False
     steps: int | None = None          # None: epochs * batches per epoch
     epochs: int = 10
@@ -112,17 +116,44 @@ def attach_adapters(roots: dict[str, nn.Module], names: dict[str, list[str]], ra
         torch.manual_seed(seed)
         for component, root in roots.items():
             root.requires_grad_(False)
-            config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names[component])
-            inject_adapter_in_model(config, root)
+            if names[component]:
+                config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names[component])
+                inject_adapter_in_model(config, root)
+
+
+def word_tokens(tokenizer, words: tuple[str, ...]) -> dict[str, list[int]]:
+    """Each word's token ids: the rows of the token embedding it is read through. A1111 finds a
+    bundled embedding by its name's tokens in the prompt; learning those rows is the same thing."""
+    return {w: tokenizer(w, add_special_tokens=False).input_ids for w in words}
+
+
+def attach_word_vectors(encoder: nn.Module, token_ids: list[int]) -> None:
+    """Make these rows of the text encoder's token embedding trainable, and nothing else of it
+    (pivotal tuning: a word the encoder never learned gets vectors of its own)."""
+    from peft import TrainableTokensConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(TrainableTokensConfig(token_indices=token_ids, target_modules=["token_embedding"]),
+                            encoder)
+
+
+def word_vectors(roots: dict[str, nn.Module], words: dict[str, list[int]]) -> dict[str, Tensor]:
+    """Each learned word's vectors, (tokens, width), in token order."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    if not words:
+        return {}
+    [layer] = [m for m in roots["text_encoder"].modules() if isinstance(m, TrainableTokensLayer)]
+    rows, vectors = layer.token_indices["default"], getattr(layer, WORD_PARAM)["default"]
+    return {w: vectors[[rows.index(t) for t in ids]] for w, ids in words.items()}
 
 
 def detach_adapters(roots: dict[str, nn.Module]) -> None:
     """Put the original layers back, leaving the model as it was loaded."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     for root in roots.values():
         for name, module in list(root.named_modules()):
-            if isinstance(module, LoraLayer):
+            if isinstance(module, BaseTunerLayer):
                 parent, _, child = name.rpartition(".")
                 setattr(root.get_submodule(parent), child, module.get_base_layer())
         if hasattr(root, "peft_config"):
@@ -138,8 +169,12 @@ def adapter_layers(roots: dict[str, nn.Module]) -> dict[str, tuple[nn.Module, nn
             for c, root in roots.items() for name, m in root.named_modules() if isinstance(m, LoraLayer)}
 
 
-def kohya_tensors(roots: dict[str, nn.Module], alpha: float, dtype: torch.dtype) -> dict[str, Tensor]:
-    tensors = {}
+def kohya_tensors(roots: dict[str, nn.Module], alpha: float, dtype: torch.dtype,
+                  words: dict[str, list[int]]) -> dict[str, Tensor]:
+    """The adapters as kohya writes them, and each learned word as A1111 reads an embedding
+    bundled in a LoRA file (bundle_emb.<word>.string_to_param.*)."""
+    tensors = {f"bundle_emb.{w}.string_to_param.*": v.detach().to("cpu", dtype).contiguous()
+               for w, v in word_vectors(roots, words).items()}
     for name, (down, up) in adapter_layers(roots).items():
         tensors[f"{name}.lora_down.weight"] = down.weight.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.lora_up.weight"] = up.weight.detach().to("cpu", dtype).contiguous()
@@ -216,7 +251,7 @@ def adapters_off(roots: dict[str, nn.Module]) -> Iterator[None]:
 
 def trainable(roots: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
     return {f"{c}.{n}": p for c, root in roots.items() for n, p in root.named_parameters()
-            if "lora_" in n}
+            if "lora_" in n or WORD_PARAM in n}
 
 
 def save_state(cfg: TrainConfig, roots, optimizer, generator, step: int, started: float) -> None:
@@ -232,7 +267,7 @@ def save_state(cfg: TrainConfig, roots, optimizer, generator, step: int, started
 def state_identity(cfg: TrainConfig) -> dict:
     """What must not change between a run and its resumption."""
     return {"rank": cfg.rank, "alpha": cfg.alpha, "targets": list(cfg.targets),
-            "train_text_encoder": cfg.train_text_encoder, "seed": cfg.seed}
+            "train_text_encoder": cfg.train_text_encoder, "words": list(cfg.words), "seed": cfg.seed}
 
 
 def restore_state(cfg: TrainConfig, roots, optimizer, generator) -> tuple[int, float]:
@@ -262,19 +297,35 @@ def write_samples(model, cfg: TrainConfig, step: int, resolution: int) -> None:
                  infotext=result.infotext, params=result.params.to_dict())
 
 
-def prepare(model, cfg: TrainConfig, examples: list[Example]) -> tuple[dict, dict, int]:
-    """Every check that can fail, before training: returns (roots, target names, resolution)."""
+def check_words(cfg: TrainConfig, words: dict[str, list[int]], examples: list[Example]) -> None:
+    captions = [e.caption for e in examples if not e.prior]
+    for word, ids in words.items():
+        if not word.strip() or not ids:
+            raise LoraError(f"--learn-word {word!r} must be a word the captions use, not blank")
+        if not any(re.search(rf"(?<!\w){re.escape(word)}(?!\w)", c) for c in captions):
+            raise LoraError(f"--learn-word {word!r} appears in none of the {len(captions)} captions; "
+                            "it must be the word they use for the concept")
+    tokens = [t for ids in words.values() for t in ids]
+    if len(set(tokens)) < len(tokens):
+        raise LoraError(f"--learn-word {', '.join(words)}: these words share tokens; learn one of them")
+
+
+def prepare(model, cfg: TrainConfig, examples: list[Example]) -> tuple[dict, dict, dict, int]:
+    """Every check that can fail, before training: (roots, target names, word tokens, resolution)."""
     if model.family not in BASE_MODEL_VERSION:
         raise LoraError(f"LoRA training supports SD1/SD2-family models, not {model.family!r}")
     unknown = set(cfg.targets) - set(TARGETS)
     if unknown or not cfg.targets:
         raise LoraError(f"unknown --target {sorted(unknown)}; allowed: {', '.join(TARGETS)}")
     roots = {"unet": model.unet}
-    endings = {"unet": tuple(e for t in cfg.targets for e in TARGETS[t]), "text_encoder": TE_TARGETS}
-    if cfg.train_text_encoder:
+    endings = {"unet": tuple(e for t in cfg.targets for e in TARGETS[t]),
+               "text_encoder": TE_TARGETS if cfg.train_text_encoder else ()}
+    if cfg.train_text_encoder or cfg.words:
         roots["text_encoder"] = model.text_encoders[0]
-    names = {c: target_names(root, endings[c]) for c, root in roots.items()}
-    check_rank(cfg.rank, roots, names)
+    names = {c: target_names(root, endings[c]) if endings[c] else [] for c, root in roots.items()}
+    check_rank(cfg.rank, {c: r for c, r in roots.items() if names[c]}, names)
+    words = word_tokens(model.tokenizers[0], cfg.words)
+    check_words(cfg, words, examples)
     resolution = cfg.resolution or model.default_size
     multiple = 2 ** (len(model.vae.config.block_out_channels) - 1) * 2 ** (len(model.unet.down_blocks) - 1)
     if resolution % multiple:
@@ -286,7 +337,7 @@ def prepare(model, cfg: TrainConfig, examples: list[Example]) -> tuple[dict, dic
     if cfg.resume and not cfg.state_path.is_file():
         raise LoraError(f"--resume: no training state at {cfg.state_path}")
     load_pixels(examples, resolution, multiple, cfg.buckets)
-    return roots, names, resolution
+    return roots, names, words, resolution
 
 
 def set_training(roots: dict[str, nn.Module], training: bool, checkpointing: bool) -> None:
@@ -307,6 +358,7 @@ class Run:
     cfg: TrainConfig
     examples: list[Example]
     roots: dict[str, nn.Module]
+    words: dict[str, list[int]]
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     alpha: float
@@ -321,7 +373,7 @@ class Run:
         metadata = kohya_metadata(self.cfg, self.model, self.examples, step=done,
                                   epoch=math.ceil(done / self.per_epoch), epochs=epochs,
                                   total=self.total, started=self.started, resolution=self.resolution)
-        save_lora(path, kohya_tensors(self.roots, self.alpha, dtype), metadata)
+        save_lora(path, kohya_tensors(self.roots, self.alpha, dtype, self.words), metadata)
         save_state(self.cfg, self.roots, self.optimizer, self.generator, done, self.started)
 
     def base_prediction(self, captions: list[str], rows: Tensor, base_texts: dict[str, Tensor]) -> Callable:
@@ -346,7 +398,7 @@ class Run:
         if self.cfg.reg_caption_dropout and prior.any():
             dropped = prior & (torch.rand(len(batch), generator=self.generator) < self.cfg.reg_caption_dropout)
         captions = ["" if drop else self.examples[i].caption for i, drop in zip(batch, dropped.tolist(), strict=True)]
-        hidden = (encode_text(self.model, captions) if self.cfg.train_text_encoder
+        hidden = (encode_text(self.model, captions) if "text_encoder" in self.roots
                   else torch.stack([base_texts[c] for c in captions]))
         weights = torch.where(prior, self.cfg.prior_loss_weight, 1.0)
         base_target = None
@@ -366,16 +418,20 @@ def train_lora(model, cfg: TrainConfig, examples: list[Example] | None = None) -
     from tqdm import tqdm
 
     examples = examples or training_examples(cfg)
-    roots, names, resolution = prepare(model, cfg, examples)
+    roots, names, words, resolution = prepare(model, cfg, examples)
     per_epoch = len(epoch_batches(examples, cfg.repeats, cfg.batch_size, cfg.seed, 0))
     total = cfg.steps or cfg.epochs * per_epoch
     alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
     attach_adapters(roots, names, cfg.rank, alpha, cfg.seed)
+    if words:
+        attach_word_vectors(roots["text_encoder"], [t for ids in words.values() for t in ids])
     try:
         params = trainable(roots)
-        groups = [{"params": [p for k, p in params.items() if k.startswith(c + ".")],
-                   "lr": cfg.lr if c == "unet" else (cfg.te_lr or cfg.lr)} for c in roots]
-        run = Run(model, cfg, examples, roots, torch.optim.AdamW(groups),
+        rates = {"unet": cfg.lr, "text_encoder": cfg.te_lr or cfg.lr, "words": cfg.word_lr or cfg.lr}
+        group_of = {k: "words" if WORD_PARAM in k else k.split(".")[0] for k in params}
+        groups = [{"params": [p for k, p in params.items() if group_of[k] == g], "lr": rate}
+                  for g, rate in rates.items() if g in group_of.values()]
+        run = Run(model, cfg, examples, roots, words, torch.optim.AdamW(groups),
                   torch.Generator().manual_seed(cfg.seed), alpha, total, per_epoch, resolution)
         start, run.started = (restore_state(cfg, roots, run.optimizer, run.generator) if cfg.resume
                               else (0, time.time()))
@@ -440,6 +496,11 @@ def train_lora(model, cfg: TrainConfig, examples: list[Example] | None = None) -
 @click.option("--lr", default=1e-4, show_default=True, type=float, help="UNet learning rate")
 @click.option("--te-lr", default=None, type=float, help="text-encoder learning rate [= --lr]")
 @click.option("--train-text-encoder", is_flag=True, help="also train LoRA on the text encoder")
+@click.option("--learn-word", "words", multiple=True,
+              help="a caption word whose token vectors are learned and bundled in the file (bundle_emb, read by "
+                   "A1111 and ComfyUI, not by diffusers' load_lora_weights): pivotal tuning, for a word the model "
+                   "never learned (repeatable)")
+@click.option("--word-lr", default=None, type=float, help="learning rate of --learn-word vectors [= --lr]")
 @click.option("--target", "targets", multiple=True, default=("attn",), show_default=True,
               type=click.Choice(list(TARGETS)), help="UNet layers to adapt (repeatable)")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="training steps [epochs x batches]")
@@ -471,7 +532,7 @@ def lora_command(images: Path, model_path: str | None, out: Path, device: str | 
 
     if out.suffix != ".safetensors":
         raise LoraError(f"--out {out} must end in .safetensors")
-    cfg = TrainConfig(images=images, out=out, targets=tuple(options.pop("targets")),
+    cfg = TrainConfig(images=images, out=out, targets=tuple(options.pop("targets")), words=tuple(options.pop("words")),
                       sample_prompts=tuple(options.pop("sample_prompts")), **options)
     examples = training_examples(cfg)  # before the slow load
     model = load_model(model_path or BUILTIN_MODEL, device=pick_device(device))

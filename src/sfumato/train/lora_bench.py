@@ -43,7 +43,7 @@ def sd15_shaped_model():
     with torch.no_grad():  # real memory, values irrelevant: zeros keep it free of NaNs
         for param in [*unet.parameters(), *text.parameters()]:
             param.zero_()
-    return SimpleNamespace(family="sd1", unet=unet, text_encoders=[text])
+    return SimpleNamespace(family="sd1", unet=unet, text_encoders=[text], tokenizers=[])
 
 
 def random_kohya_lora(model, path: Path, megabytes: float, seed: int) -> int:
@@ -163,8 +163,10 @@ def teach_one(model, concept: str, folder: Path, count: int, reg_images: Path | 
     images = folder / concept
     export_folder(images, count, options["seed"], size=model.default_size, concept=concept)
     lora = folder / f"{concept}.safetensors"
+    words = (concept,) if options.pop("learn_words") else ()
     started = time.perf_counter()
-    train_lora(model, TrainConfig(images=images, out=lora, cache_latents=True, reg_images=reg_images, **options))
+    train_lora(model, TrainConfig(images=images, out=lora, cache_latents=True, reg_images=reg_images, words=words,
+                                  **options))
     return lora, (time.perf_counter() - started) / 60
 
 
@@ -182,6 +184,8 @@ def teach_one(model, concept: str, folder: Path, count: int, reg_images: Path | 
               type=click.Choice(list(TARGETS)), help="UNet layers to adapt (repeatable)")
 @click.option("--train-text-encoder", is_flag=True, help="adapt the text encoder too")
 @click.option("--te-lr", default=None, type=float, help="text-encoder learning rate [= --lr]")
+@click.option("--learn-words", is_flag=True, help="each LoRA also learns its concept word's token vectors")
+@click.option("--word-lr", default=None, type=float, help="learning rate of the word vectors [= --lr]")
 @click.option("--reg-images", "reg_count", default=0, show_default=True, type=click.IntRange(min=0),
               help="regularization images: this many captions of the world's training split")
 @click.option("--reg-source", default="model", show_default=True, type=click.Choice(["model", "world"]),
@@ -200,7 +204,7 @@ def teach_one(model, concept: str, folder: Path, count: int, reg_images: Path | 
 @click.option("--device", default=None)
 @user_errors
 def teach_command(model_path, shape, pattern, count, minutes, steps, rank, lr, batch_size, targets,
-                  train_text_encoder, te_lr, reg_count, reg_source, prior_loss_weight, reg_target,
+                  train_text_encoder, te_lr, learn_words, word_lr, reg_count, reg_source, prior_loss_weight, reg_target,
                   reg_caption_dropout, noise_offset, images_per_prompt, limit, sample_steps, seed, out: Path,
                   device) -> None:
     """Teach a held-out shape and a held-out pattern (a LoRA each, from COUNT exported images).
@@ -238,11 +242,12 @@ def teach_command(model_path, shape, pattern, count, minutes, steps, rank, lr, b
                "noise_offset": noise_offset, "prior_loss_weight": prior_loss_weight,
                "reg_target": reg_target, "reg_caption_dropout": reg_caption_dropout,
                "targets": tuple(targets), "train_text_encoder": train_text_encoder, "max_minutes": minutes,
-               "fp16": True}
+               "word_lr": word_lr, "fp16": True}
     reg_images = (regularization_images(pipe, out / "regularization", reg_count, reg_source, seed + 1,
                                         model.default_size) if reg_count else None)
     (shape_lora, shape_minutes), (pattern_lora, pattern_minutes) = (
-        teach_one(model, concept, out, count, reg_images, options) for concept in (shape, pattern))
+        teach_one(model, concept, out, count, reg_images, {**options, "learn_words": learn_words})
+        for concept in (shape, pattern))
     stack, after = LoraStack(model), {}
     for name, loras in ((shape, [shape_lora]), (pattern, [pattern_lora]), ("mixed", [shape_lora, pattern_lora]),
                         ("base", [shape_lora, pattern_lora])):
@@ -264,7 +269,8 @@ def teach_command(model_path, shape, pattern, count, minutes, steps, rank, lr, b
                   "base_within_0.05": max(base_drop.values()) <= 0.05,
                   "mixed_ge_0.7": after["mixed"]["mixed"] >= 0.7,
                   "train_minutes_le_10": max(shape_minutes, pattern_minutes) <= 10},
-        "settings": {**options, "targets": list(options["targets"]), "reg_images": reg_count,
+        "settings": {**options, "targets": list(options["targets"]), "learn_words": learn_words,
+                     "reg_images": reg_count,
                      "reg_source": reg_source, "images_per_prompt": images_per_prompt,
                      "sample_steps": sample_steps, "base_limit": limit,
                      "device": str(torch_device), "threads": torch.get_num_threads()},
