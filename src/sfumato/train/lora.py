@@ -297,7 +297,7 @@ def write_samples(model, cfg: TrainConfig, step: int, resolution: int) -> None:
                  infotext=result.infotext, params=result.params.to_dict())
 
 
-def check_words(cfg: TrainConfig, words: dict[str, list[int]], examples: list[Example]) -> None:
+def check_words(words: dict[str, list[int]], examples: list[Example]) -> None:
     captions = [e.caption for e in examples if not e.prior]
     for word, ids in words.items():
         if not word.strip() or not ids:
@@ -322,10 +322,10 @@ def prepare(model, cfg: TrainConfig, examples: list[Example]) -> tuple[dict, dic
                "text_encoder": TE_TARGETS if cfg.train_text_encoder else ()}
     if cfg.train_text_encoder or cfg.words:
         roots["text_encoder"] = model.text_encoders[0]
-    names = {c: target_names(root, endings[c]) if endings[c] else [] for c, root in roots.items()}
+    names = {c: target_names(root, endings[c]) for c, root in roots.items()}
     check_rank(cfg.rank, {c: r for c, r in roots.items() if names[c]}, names)
     words = word_tokens(model.tokenizers[0], cfg.words)
-    check_words(cfg, words, examples)
+    check_words(words, examples)
     resolution = cfg.resolution or model.default_size
     multiple = 2 ** (len(model.vae.config.block_out_channels) - 1) * 2 ** (len(model.unet.down_blocks) - 1)
     if resolution % multiple:
