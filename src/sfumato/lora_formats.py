@@ -54,8 +54,8 @@ UNSUPPORTED_FORMATS = {
     "oft_blocks": "OFT (oft_blocks)",
     ".on_input": "(IA)^3",
 }
-# bundle_emb.<name>.<ending>: which text encoder the vectors are for
 TOKEN_EMBEDDING = "text_model.embeddings.token_embedding"  # a CLIP text encoder's, as files name it
+# bundle_emb.<name>.<ending>: which text encoder the vectors are for
 BUNDLE_ENDINGS = {".string_to_param.*": "text_encoder", ".clip_l": "text_encoder", ".clip_g": "text_encoder_2"}
 SUPPORTED = "plain LoRA (kohya lora_down/lora_up/alpha, diffusers/peft lora_A/lora_B)"
 
