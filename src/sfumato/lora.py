@@ -27,6 +27,7 @@ from sfumato.lora_formats import (
     BundledEmbedding,
     ModuleIndex,
     ParsedLora,
+    name_tokens,
     parse_lora,
 )
 
@@ -230,7 +231,7 @@ class LoraStack:
 
         A1111 swaps the name's tokens for the vectors in the prompt, whatever their number; setting
         the rows does the same where the numbers agree, and costs nothing per prompt."""
-        tokens = self.tokenizers[embedding.component](embedding.name, add_special_tokens=False).input_ids
+        tokens = name_tokens(self.tokenizers[embedding.component], embedding.name)
         where = f"{embedding.filename}: bundled embedding {embedding.name!r}"
         if len(tokens) != len(embedding.vectors):
             raise LoraError(f"{where} has {len(embedding.vectors)} vectors but its name reads as {len(tokens)} "

@@ -104,6 +104,12 @@ class ParsedLora:
     embeddings: list[BundledEmbedding] = field(default_factory=list)
 
 
+def name_tokens(tokenizer, name: str) -> list[int]:
+    """The token ids a word reads as: the rows of the token embedding a bundled embedding named so
+    stands for (A1111 finds one by its name's tokens in the prompt)."""
+    return tokenizer(name, add_special_tokens=False).input_ids
+
+
 def bundled_embedding(key: str, tensor: Tensor, index: ModuleIndex, filename: str) -> BundledEmbedding | None:
     """The embedding a bundle_emb.* key holds, if the model has its text encoder at its width."""
     for ending, component in BUNDLE_ENDINGS.items():

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from sfumato.commands import user_errors
 from sfumato.errors import LoraError
 from sfumato.files import write_bytes_atomic
-from sfumato.lora_formats import canonical_path
+from sfumato.lora_formats import canonical_path, name_tokens
 from sfumato.train.common import denoising_loss, offset_noise
 from sfumato.train.lora_data import Example, collect_examples, epoch_batches, load_pixels
 from sfumato.train.lora_export import (
@@ -119,12 +119,6 @@ def attach_adapters(roots: dict[str, nn.Module], names: dict[str, list[str]], ra
             if names[component]:
                 config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names[component])
                 inject_adapter_in_model(config, root)
-
-
-def word_tokens(tokenizer, words: tuple[str, ...]) -> dict[str, list[int]]:
-    """Each word's token ids: the rows of the token embedding it is read through. A1111 finds a
-    bundled embedding by its name's tokens in the prompt; learning those rows is the same thing."""
-    return {w: tokenizer(w, add_special_tokens=False).input_ids for w in words}
 
 
 def attach_word_vectors(encoder: nn.Module, token_ids: list[int]) -> None:
@@ -324,7 +318,7 @@ def prepare(model, cfg: TrainConfig, examples: list[Example]) -> tuple[dict, dic
         roots["text_encoder"] = model.text_encoders[0]
     names = {c: target_names(root, endings[c]) for c, root in roots.items()}
     check_rank(cfg.rank, {c: r for c, r in roots.items() if names[c]}, names)
-    words = word_tokens(model.tokenizers[0], cfg.words)
+    words = {w: name_tokens(model.tokenizers[0], w) for w in cfg.words}  # the rows a bundled embedding sets
     check_words(words, examples)
     resolution = cfg.resolution or model.default_size
     multiple = 2 ** (len(model.vae.config.block_out_channels) - 1) * 2 ** (len(model.unet.down_blocks) - 1)

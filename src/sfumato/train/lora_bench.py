@@ -154,8 +154,8 @@ def regularization_images(pipe, folder: Path, count: int, source: str, seed: int
     return folder
 
 
-def teach_one(model, concept: str, folder: Path, count: int, reg_images: Path | None, options: dict
-              ) -> tuple[Path, float]:
+def teach_one(model, concept: str, folder: Path, count: int, reg_images: Path | None, learn_word: bool,
+              options: dict) -> tuple[Path, float]:
     """Export COUNT images of the concept and train a LoRA on them: (file, training minutes)."""
     from sfumato.train.lora import TrainConfig, train_lora
     from sfumato.world.dataset import export_folder
@@ -163,9 +163,9 @@ def teach_one(model, concept: str, folder: Path, count: int, reg_images: Path | 
     images = folder / concept
     export_folder(images, count, options["seed"], size=model.default_size, concept=concept)
     lora = folder / f"{concept}.safetensors"
-    words = (concept,) if options.pop("learn_words") else ()
     started = time.perf_counter()
-    train_lora(model, TrainConfig(images=images, out=lora, cache_latents=True, reg_images=reg_images, words=words,
+    train_lora(model, TrainConfig(images=images, out=lora, cache_latents=True, reg_images=reg_images,
+                                  words=(concept,) if learn_word else (),
                                   **options))
     return lora, (time.perf_counter() - started) / 60
 
@@ -249,7 +249,7 @@ def teach_command(model_path, shape, pattern, count, minutes, steps, rank, lr, b
     reg_images = (regularization_images(pipe, out / "regularization", reg_count, reg_source, seed + 1,
                                         model.default_size) if reg_count else None)
     (shape_lora, shape_minutes), (pattern_lora, pattern_minutes) = (
-        teach_one(model, concept, out, count, reg_images, {**options, "learn_words": learn_words})
+        teach_one(model, concept, out, count, reg_images, learn_words, options)
         for concept in (shape, pattern))
     stack, after = LoraStack(model), {}
     for name, loras in ((shape, [shape_lora]), (pattern, [pattern_lora]), ("mixed", [shape_lora, pattern_lora]),
