@@ -641,3 +641,47 @@ def test_a_run_on_plain_captions_of_white_scenes_trains_and_a_bad_style_is_refus
         message = user_error(["unet", "--config", str(recipe), "--out", str(tmp_path / "bad"), "--device", "cpu",
                               "--vae", str(full_runs / "vae_full"), "--clip", str(full_runs / "clip_full")])
         assert wrong in message and "allowed" in message
+
+
+def test_a_vae_recipe_may_train_on_every_concept_and_still_reports_on_the_training_split(tmp_path: Path, monkeypatch):
+    import sfumato.train.vae as vae_stage
+
+    splits = []
+
+    def recording_pool(seed, n, split, size, *args, **kwargs):
+        splits.append(split)
+        return original(seed, n, split, size, *args, **kwargs)
+
+    original = vae_stage.render_pool
+    monkeypatch.setattr(vae_stage, "render_pool", recording_pool)
+    (tmp_path / "codec.toml").write_text('base = "tiny_vae"\n[data]\nsplit = "eval"\n')
+    run_stage("vae", tmp_path / "out", "--config", str(tmp_path / "codec.toml"), "--steps", "1")
+    assert splits == ["eval", "train"]  # trained on everything, PSNR on the training split's scenes
+    splits.clear()
+    (tmp_path / "mixed.toml").write_text('base = "tiny_vae"\n[data]\nsplit = ["train", "concept"]\n')
+    run_stage("vae", tmp_path / "mixed", "--config", str(tmp_path / "mixed.toml"), "--steps", "1")
+    assert splits == ["train", "concept", "train"]  # half of each, then the evaluation pool
+    (tmp_path / "bad.toml").write_text('base = "tiny_vae"\n[data]\nsplit = "everything"\n')
+    message = user_error(["vae", "--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "bad"),
+                          "--device", "cpu"])
+    assert "split = 'everything'" in message and "eval" in message
+
+
+def test_an_anchored_vae_keeps_the_latents_the_unet_knows(assembled: Path, tmp_path: Path):
+    from types import SimpleNamespace
+
+    from sfumato.train.vae import anchor_encoder, latent_drift
+
+    recipe = tmp_path / "anchored.toml"
+    recipe.write_text('base = "tiny_vae"\n[data]\nsplit = "eval"\n[loss]\nanchor = 100.0\n')
+    run_stage("vae", tmp_path / "out", "--config", str(recipe), "--steps", "3", "--init-from", str(assembled))
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    start = json.loads((assembled / "vae" / "config.json").read_text())["scaling_factor"]
+    assert metrics["scaling_factor"] == start  # the latent space is kept, not re-measured
+    assert 0 < metrics["anchored_latent_drift_rms"] < 0.5  # the encoder trained, held near where it began
+
+    model = load_recipe("tiny_vae", gpu=False)["model"]
+    run = SimpleNamespace(init_from=assembled, out=tmp_path, device=torch.device("cpu"))
+    moments = anchor_encoder(run, model)(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert torch.equal(latent_drift(moments[:, :4], moments, 2.0), torch.zeros(2))
+    assert latent_drift(moments[:, :4] + 0.5, moments, 2.0).allclose(torch.ones(2))  # (0.5 x 2)^2

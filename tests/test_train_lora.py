@@ -171,6 +171,7 @@ def test_teach_benchmark_trains_two_concepts_and_scores_them(tiny_model_dir, tmp
         assert all(0 <= score <= 1 for score in report[key])
     assert set(report["base_before"]) == set(report["base_after"]) >= {"single_object", "negative", "overall"}
     assert set(report["goals"]) == {"concepts_after_ge_0.8", "base_within_0.05", "mixed_ge_0.7", "train_minutes_le_10"}
+    assert set(report["base_overall_with_each_lora"]) == {"hexagon", "checkered"}
     for concept in ("hexagon", "checkered"):
         captions = [p.read_text() for p in (out / concept).glob("*.txt")]
         assert len(captions) == 3 and all(concept in c for c in captions)

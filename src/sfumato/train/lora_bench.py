@@ -251,11 +251,14 @@ def teach_command(model_path, shape, pattern, count, minutes, steps, rank, lr, b
     (shape_lora, shape_minutes), (pattern_lora, pattern_minutes) = (
         teach_one(model, concept, out, count, reg_images, learn_words, options)
         for concept in (shape, pattern))
-    stack, after = LoraStack(model), {}
+    stack, after, base_each = LoraStack(model), {}, {}
     for name, loras in ((shape, [shape_lora]), (pattern, [pattern_lora]), ("mixed", [shape_lora, pattern_lora]),
                         ("base", [shape_lora, pattern_lora])):
         stack.activate([(str(path), 1.0, 1.0) for path in loras])
         after[name] = scores(pipe, suites[name], settings)
+    for name, lora in ((shape, shape_lora), (pattern, pattern_lora)):  # which LoRA costs the base what
+        stack.activate([(str(lora), 1.0, 1.0)])
+        base_each[name] = scores(pipe, base, settings)["overall"]
     stack.remove_all()
 
     def concept_of(name: str) -> tuple[float, float]:
@@ -268,6 +271,7 @@ def teach_command(model_path, shape, pattern, count, minutes, steps, rank, lr, b
         f"{shape}_before_after": concept_of(shape), f"{pattern}_before_after": concept_of(pattern),
         "mixed_before_after": (before["mixed"]["mixed"], after["mixed"]["mixed"]),
         "base_before": before["base"], "base_after": after["base"], "base_drop": base_drop,
+        "base_overall_with_each_lora": base_each,
         "goals": {"concepts_after_ge_0.8": min(concept_of(shape)[1], concept_of(pattern)[1]) >= 0.8,
                   "base_within_0.05": max(base_drop.values()) <= 0.05,
                   "mixed_ge_0.7": after["mixed"]["mixed"] >= 0.7,

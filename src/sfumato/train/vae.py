@@ -4,7 +4,9 @@ After training the latent scale is measured on data (1 / std of the latents) and
 config's `scaling_factor`, as SD does, so that the UNet sees latents of unit variance.
 
 `train_encoder = false` fine-tunes the decoder alone (what SD's ft-MSE VAE did): the latent space,
-and so every UNet trained on it, stays valid while reconstructions get sharper.
+and so every UNet trained on it, stays valid while reconstructions get sharper. `[loss] anchor = w`
+trains the encoder too but holds the latents of every scene the UNet could have seen to the starting
+encoder's (w x their mean squared change): the latent space stays while the encoder learns what it lost.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from sfumato.train.common import (
     write_metrics,
 )
 from sfumato.train.data import EVAL_SEED_OFFSET, pixels_to_model, render_pool, to_model_images
+from sfumato.world.dataset import concepts_in
+from sfumato.world.scenes import SPLITS
 
 
 def build_vae(model: dict):
@@ -77,7 +81,8 @@ class VAEWithPosterior(torch.nn.Module):
         self.latent_noise = latent_noise
         self.relative = relative
 
-    def forward(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """(reconstruction, KL, posterior mean)."""
         posterior = self.vae.encode(images).latent_dist
         z = posterior.sample(generator)
         if self.latent_noise:
@@ -86,7 +91,7 @@ class VAEWithPosterior(torch.nn.Module):
             noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
             z = z + std * noise * unit
         recon = self.vae.decode(z).sample
-        return recon, posterior.kl().mean()
+        return recon, posterior.kl().mean(), posterior.mean
 
 
 @torch.no_grad()
@@ -119,8 +124,27 @@ def kept_latent_scale(run: Run) -> float:
         atomic_write_text(note, json.dumps({"scaling_factor": scale, "init_from": str(run.init_from)}))
         return scale
     if not note.exists():
-        raise SfumatoError("train_encoder = false needs --init-from (the model whose encoder to keep)")
+        raise SfumatoError("train_encoder = false and [loss] anchor need --init-from (the model whose latent "
+                           "space to keep)")
     return json.loads(note.read_text())["scaling_factor"]
+
+
+def anchor_encoder(run: Run, model: dict) -> torch.nn.Module:
+    """The encoder the run started from, frozen: images -> moments (mean, then log-variance).
+
+    An anchored run (recipe [loss] anchor > 0) trains the encoder too, but holds its latents of every
+    scene without a held-out concept to this encoder's, so that the UNet trained on them stays valid
+    while the encoder learns to keep what it used to lose (the held-out checkered pattern)."""
+    source = run.init_from or json.loads((run.out / "kept_encoder.json").read_text())["init_from"]
+    start = build_vae(model)
+    load_saved(start, source, "vae")
+    return torch.nn.Sequential(start.encoder, start.quant_conv).requires_grad_(False).eval().to(run.device)
+
+
+def latent_drift(mean: Tensor, anchor_moments: Tensor, scale: float) -> Tensor:
+    """(b,) mean squared change of each image's posterior mean, in the scaled units the UNet works in."""
+    anchor_mean = anchor_moments[:, : mean.shape[1]]
+    return ((mean.float() - anchor_mean.float()) * scale).square().flatten(1).mean(1)
 
 
 def row_backgrounds(images: np.ndarray, edge: int = 4) -> np.ndarray:
@@ -148,26 +172,43 @@ def object_weights(images: Tensor, weight: float, background: Tensor | None) -> 
 
 def train_vae(run: Run) -> dict:
     r, data = run.recipe, run.recipe["data"]
-    pool, _ = render_pool(run.seed, data["train_scenes"], "train", data["size"], data.get("workers", 0))
+    # split "eval" draws every shape and pattern, held-out concepts included: the VAE is the codec, and a
+    # LoRA can only teach a pattern that its decoder can draw (MODEL_CARD, session 26). A list of splits
+    # makes the pool of equal parts of each. The PSNR stays measured on the training split's scenes.
+    splits = data.get("split", "train")
+    splits = [splits] if isinstance(splits, str) else list(splits)
+    if not splits or any(split not in SPLITS for split in splits):
+        raise SfumatoError(f"recipe [data] split = {data.get('split')!r}: allowed one of {', '.join(SPLITS)} or a "
+                           "list of them ('train' has no held-out concepts or pairs; 'eval' draws everything)")
+    parts = [render_pool(run.seed, data["train_scenes"] // len(splits), split, data["size"], data.get("workers", 0))
+             for split in splits]
+    pool, scenes = np.concatenate([images for images, _ in parts]), [s for _, part in parts for s in part]
     eval_pool, _ = render_pool(run.seed + EVAL_SEED_OFFSET, data["eval_scenes"], "train", data["size"])
     vae = build_vae(r["model"])
     if run.init_from:
         load_saved(vae, run.init_from, "vae")
     train_encoder = r.get("train_encoder", True)
-    latent_noise = r["loss"].get("latent_noise", 0.0)
-    if not train_encoder:
+    loss_cfg = r["loss"]
+    latent_noise, anchor_weight = loss_cfg.get("latent_noise", 0.0), loss_cfg.get("anchor", 0.0)
+    keeps_latent_space = not train_encoder or anchor_weight > 0
+    if keeps_latent_space:
         vae.register_to_config(scaling_factor=kept_latent_scale(run))
+    if not train_encoder:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
-    t = make_trainable(run, VAEWithPosterior(vae, latent_noise, relative=train_encoder))  # after loading: the EMA starts from those weights
-    loss_cfg = r["loss"]
+    anchor = anchor_encoder(run, r["model"]) if anchor_weight and train_encoder else None
+    anchored = np.array([not concepts_in(scene) for scene in scenes])  # what the UNet was trained on
+    scale = vae.config.scaling_factor
+    # after loading: the EMA starts from those weights
+    t = make_trainable(run, VAEWithPosterior(vae, latent_noise, relative=not keeps_latent_space))
 
     def make_batch(step: int) -> dict:
         rng, crop = run.numpy_rng(step), data.get("crop", 0)
         index = rng.integers(0, len(pool), r["batch_size"])
         corners = rng.integers(0, (data["size"] - crop) // 8 + 1, (r["batch_size"], 2)) * 8  # on the latent grid
         index, corners = run.shard(index), run.shard(corners)
-        batch = {"pixels": torch.from_numpy(crops(pool, index, corners, crop))}
+        batch = {"pixels": torch.from_numpy(crops(pool, index, corners, crop)),
+                 "anchored": torch.from_numpy(anchored[index])}
         if loss_cfg.get("object_weight"):  # rows' backgrounds from the whole images, then cropped
             rows = row_backgrounds(pool[index])
             if crop:
@@ -177,11 +218,16 @@ def train_vae(run: Run) -> dict:
 
     def loss_fn(batch: dict, step: int) -> Tensor:
         images = pixels_to_model(batch["pixels"])
-        recon, kl = t.module(images, run.generator(step))
+        recon, kl, mean = t.module(images, run.generator(step))
         error = recon.float() - images
         weight = object_weights(images, loss_cfg.get("object_weight", 0.0), batch.get("background"))
         reconstruction = (weight * (loss_cfg["l1"] * error.abs() + loss_cfg["mse"] * error.pow(2))).mean() / weight.mean()
-        return reconstruction + loss_cfg["kl"] * kl
+        loss = reconstruction + loss_cfg["kl"] * kl
+        if anchor is not None:
+            with torch.no_grad():
+                start = anchor(images)
+            loss = loss + anchor_weight * (latent_drift(mean, start, scale) * batch["anchored"].to(mean.device)).mean()
+        return loss
 
     shown = to_model_images(eval_pool[:8], run.device)
 
@@ -195,14 +241,20 @@ def train_vae(run: Run) -> dict:
         vae = module.vae.eval()
         held_out = to_model_images(eval_pool, run.device)
         figure = psnr(held_out, reconstruct(vae, held_out))
-        scale = vae.config.scaling_factor  # a kept encoder keeps its latent scale
-        if train_encoder:
+        scale = vae.config.scaling_factor  # a kept or anchored encoder keeps its latent scale
+        drift = {}
+        if anchor is not None:  # how far the latents the UNet knows moved (the decoder's noise: 0..latent_noise)
+            with torch.no_grad():
+                moved = torch.cat([latent_drift(vae.encode(x).latent_dist.mean, anchor(x), scale)
+                                   for x in held_out.split(64)])
+            drift = {"anchored_latent_drift_rms": round(float(moved.mean().sqrt()), 4)}
+        if not keeps_latent_space:
             sample = np.random.default_rng(run.seed).choice(len(pool), min(len(pool), 2048), replace=False)
             scale = latent_scaling_factor(vae, to_model_images(pool[np.sort(sample)], run.device),
                                           run.generator(EVAL_KEY))
             vae.register_to_config(scaling_factor=scale)
         metrics = {"stage": "vae", "params": param_count(vae), **loss_summary(run, t),
-                   "heldout_psnr_db": round(figure, 2), "scaling_factor": scale}
+                   "heldout_psnr_db": round(figure, 2), "scaling_factor": scale, **drift}
         if run.is_main:
             save_pretrained_atomic(vae, run.out / "vae")
     on_sample(t.step)
