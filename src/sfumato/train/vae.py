@@ -124,7 +124,7 @@ def kept_latent_scale(run: Run) -> float:
         atomic_write_text(note, json.dumps({"scaling_factor": scale, "init_from": str(run.init_from)}))
         return scale
     if not note.exists():
-        raise SfumatoError("train_encoder = false and [loss] anchor need --init-from (the model whose latent "
+        raise SfumatoError("train_encoder = false (or [loss] anchor) needs --init-from (the model whose latent "
                            "space to keep)")
     return json.loads(note.read_text())["scaling_factor"]
 
