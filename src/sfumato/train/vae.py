@@ -197,8 +197,9 @@ def train_vae(run: Run) -> dict:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
     anchor = anchor_encoder(run, r["model"]) if anchor_weight and train_encoder else None
-    anchored = np.array([not concepts_in(scene) for scene in scenes])  # what the UNet was trained on
-    scale = vae.config.scaling_factor
+    if anchor is not None:
+        anchored = np.array([not concepts_in(scene) for scene in scenes])  # what the UNet was trained on
+    scale = vae.config.scaling_factor  # kept (decoder-only or anchored), else measured after training
     # after loading: the EMA starts from those weights
     t = make_trainable(run, VAEWithPosterior(vae, latent_noise, relative=not keeps_latent_space))
 
@@ -207,8 +208,9 @@ def train_vae(run: Run) -> dict:
         index = rng.integers(0, len(pool), r["batch_size"])
         corners = rng.integers(0, (data["size"] - crop) // 8 + 1, (r["batch_size"], 2)) * 8  # on the latent grid
         index, corners = run.shard(index), run.shard(corners)
-        batch = {"pixels": torch.from_numpy(crops(pool, index, corners, crop)),
-                 "anchored": torch.from_numpy(anchored[index])}
+        batch = {"pixels": torch.from_numpy(crops(pool, index, corners, crop))}
+        if anchor is not None:
+            batch["anchored"] = torch.from_numpy(anchored[index])
         if loss_cfg.get("object_weight"):  # rows' backgrounds from the whole images, then cropped
             rows = row_backgrounds(pool[index])
             if crop:
@@ -241,7 +243,6 @@ def train_vae(run: Run) -> dict:
         vae = module.vae.eval()
         held_out = to_model_images(eval_pool, run.device)
         figure = psnr(held_out, reconstruct(vae, held_out))
-        scale = vae.config.scaling_factor  # a kept or anchored encoder keeps its latent scale
         drift = {}
         if anchor is not None:  # how far the latents the UNet knows moved (the decoder's noise: 0..latent_noise)
             with torch.no_grad():
