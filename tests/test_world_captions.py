@@ -116,6 +116,39 @@ def test_hard_negatives_never_name_a_held_out_concept():
     assert swapped and not swapped & concepts and len(swapped) > 3
 
 
+def test_a_relation_swaps_to_its_opposite_and_a_number_to_another_number():
+    import random
+
+    from sfumato.world.captions import SWAP_KINDS, swap_word
+
+    rng = random.Random(0)
+    relation = SWAP_KINDS["relation"]
+    assert swap_word("a red star to the left of a blue circle", relation, rng) == "a red star to the right of a blue circle"
+    assert swap_word("a red star below a blue circle", relation, rng) == "a red star above a blue circle"
+    assert swap_word("a red star next to a blue circle under a night sky", relation, rng) is None
+    numbers = {swap_word("three red stars on white", SWAP_KINDS["number"], rng).split()[0] for _ in range(50)}
+    assert numbers == {"two", "four"}
+
+
+def test_hard_negatives_swap_the_first_kind_of_the_list_a_caption_has():
+    import random
+
+    import pytest
+
+    from sfumato.errors import SfumatoError
+    from sfumato.train.clip import hard_negative, hard_negative_kinds
+
+    rng = random.Random(0)
+    kinds = hard_negative_kinds(["relation", "number", "shape"])
+    assert hard_negative("two red stars above a blue circle", rng, kinds) == "two red stars below a blue circle"
+    assert hard_negative("two red stars and a blue circle", rng, kinds).split()[0] in ("three", "four")
+    assert hard_negative("a red star", rng, kinds).split()[2] != "star"
+    assert hard_negative("a plain blue background", rng, kinds) is None
+    assert hard_negative_kinds(True) == ("shape", "colour") and hard_negative_kinds(False) == ()
+    with pytest.raises(SfumatoError, match="'size'.*allowed true, false or a list of shape, colour, relation"):
+        hard_negative_kinds(["relation", "size"])
+
+
 def test_a_plain_caption_names_every_object_and_the_background_in_one_wording():
     star = ObjectSpec("star", "red", "large", 0.5, 0.5)
     assert plain_caption(Scene("white", (star,))) == "a large red star on a white background"

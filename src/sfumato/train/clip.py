@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -100,9 +101,24 @@ def retrieval_top1(clip, images: Tensor, input_ids: Tensor, group: int) -> float
     return hits / max(total, 1)
 
 
-def hard_negative(caption: str, rng: random.Random) -> str | None:
-    """The caption with a shape word swapped, else a colour word; None if it names neither."""
-    return swap_word(caption, SWAP_KINDS["shape"], rng) or swap_word(caption, SWAP_KINDS["colour"], rng)
+DEFAULT_HARD_NEGATIVES = ("shape", "colour")  # `hard_negatives = true`, as the shipped CLIP was trained
+
+
+def hard_negative(caption: str, rng: random.Random, kinds: Sequence[str] = DEFAULT_HARD_NEGATIVES) -> str | None:
+    """The caption with a word of the first of `kinds` (SWAP_KINDS) it has swapped; None if it has none."""
+    return next((s for kind in kinds if (s := swap_word(caption, SWAP_KINDS[kind], rng))), None)
+
+
+def hard_negative_kinds(setting: bool | list[str]) -> tuple[str, ...]:
+    """The recipe's `hard_negatives`: false, true (shape else colour) or SWAP_KINDS names, the first a
+    caption has swapped (a list that starts with "relation" swaps every relation caption's relation)."""
+    if setting is True:
+        return DEFAULT_HARD_NEGATIVES
+    kinds = tuple(setting or ())
+    if unknown := [k for k in kinds if k not in SWAP_KINDS]:
+        raise SfumatoError(f"recipe: hard_negatives {', '.join(map(repr, unknown))}: allowed true, false or a list "
+                           f"of {', '.join(SWAP_KINDS)}")
+    return kinds
 
 
 @torch.no_grad()
@@ -137,6 +153,7 @@ def lock_text_tower(clip, folder: Path) -> None:
 
 def train_clip(run: Run, lock_text: Path | None = None) -> dict:
     r, data = run.recipe, run.recipe["data"]
+    hard_negatives = hard_negative_kinds(r.get("hard_negatives", False))  # a typo fails before the pool
     tokenizer = load_tokenizer()
     clip = build_clip(r["model"], data["size"])
     if run.init_from:
@@ -146,15 +163,13 @@ def train_clip(run: Run, lock_text: Path | None = None) -> dict:
     pool, scenes = render_pool(run.seed, data["train_scenes"], "train", data["size"], data.get("workers", 0))
     t = make_trainable(run, clip)  # after loading: the EMA starts from those weights
 
-    hard_negatives = r.get("hard_negatives", False)
-
     def make_batch(step: int) -> dict:
         index = run.shard(run.numpy_rng(step).integers(0, len(pool), r["batch_size"]))
         captions = random_captions([scenes[i] for i in index], run.seed, step, run.accelerator.process_index)
         batch = {"pixels": torch.from_numpy(pool[index]), "ids": tokenize(tokenizer, captions)}
         if hard_negatives:
             rng = random.Random(hash_seed(run.seed, step, run.accelerator.process_index, 1))
-            batch["hard_ids"] = tokenize(tokenizer, [hard_negative(c, rng) or captions[i - 1]
+            batch["hard_ids"] = tokenize(tokenizer, [hard_negative(c, rng, hard_negatives) or captions[i - 1]
                                                      for i, c in enumerate(captions)])
         return batch
 
@@ -162,8 +177,9 @@ def train_clip(run: Run, lock_text: Path | None = None) -> dict:
         pixels = pixels_to_model(batch["pixels"])
         if not hard_negatives:
             return t.module(input_ids=batch["ids"], pixel_values=pixels, return_loss=True).loss
-        # Each image also against its own caption with a shape (else a colour) swapped: in-batch
-        # negatives alone are told apart by colour, and CLIP then never learns shapes (session 13).
+        # Each image also against its own caption with a word swapped (a shape, else a colour, by
+        # default): in-batch negatives alone are told apart by colour, and CLIP then never learns
+        # shapes (session 13), nor relations or numbers (session 27).
         logits = t.module(input_ids=torch.cat([batch["ids"], batch["hard_ids"]]), pixel_values=pixels).logits_per_image
         targets = torch.arange(len(pixels), device=logits.device)
         square = logits[:, : len(pixels)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -290,22 +290,30 @@ def full_expectation(scene: Scene) -> Expectation:
     return Expectation(scene.background, queries)
 
 
-# The words swap_word swaps, by kind: a caption's shape or colour swapped makes it false of its scene.
-# Only the training split's shapes: a held-out concept's word must reach no model before its LoRA does
-# (models up to session 24 had "hexagon" and "crescent" in CLIP's hard negatives).
-SWAP_KINDS: dict[str, tuple[str, ...]] = {"shape": tuple(vocabulary("train")[0]), "colour": tuple(COLORS)}
+# The words swap_word swaps, by kind: a caption's shape, colour, relation or number swapped makes it false
+# of its scene. Only the training split's shapes: a held-out concept's word must reach no model before its
+# LoRA does (models up to session 24 had "hexagon" and "crescent" in CLIP's hard negatives). A relation
+# swaps to its opposite ("next to" has none); "over" and "under" are left out, as the background phrases
+# use them ("under a night sky").
+SWAP_KINDS: dict[str, Sequence[str] | Mapping[str, str]] = {
+    "shape": tuple(vocabulary("train")[0]),
+    "colour": tuple(COLORS),
+    "relation": {"left": "right", "right": "left", "above": "below", "below": "above", "beneath": "above"},
+    "number": tuple(NUMBERS.values()),
+}
 
 
-def swap_word(caption: str, words: Sequence[str], rng: random.Random) -> str | None:
+def swap_word(caption: str, words: Sequence[str] | Mapping[str, str], rng: random.Random) -> str | None:
     """The caption with its first word of `words` (singular or plural, a whole word: "cross" not in
-    "crosses") replaced by another of them in the same number; None if it has none. A caption that
-    now says something false of its scene: a hard negative for CLIP, a probe for the UNet."""
+    "crosses") replaced by another of them in the same number (by its opposite, where `words` maps each
+    word to one); None if it has none. A caption that now says something false of its scene: a hard
+    negative for CLIP, a probe for the UNet."""
     forms = {w: w for w in words} | {PLURALS.get(w, w + "s"): w for w in words}
     match = re.search(r"\b(" + "|".join(sorted(forms, key=len, reverse=True)) + r")\b", caption)
     if match is None:
         return None
     word = forms[match[1]]
-    other = rng.choice([w for w in words if w != word])
+    other = words[word] if isinstance(words, Mapping) else rng.choice([w for w in words if w != word])
     if match[1] != word:  # plural
         other = PLURALS.get(other, other + "s")
     return caption[: match.start()] + other + caption[match.end():]
