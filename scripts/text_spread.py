@@ -23,6 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from sfumato.checkpoints import BUILTIN_MODEL
 from sfumato.train.data import load_tokenizer, tokenize
 from sfumato.world import COLORS, vocabulary
+from sfumato.world.captions import NUMBERS
 
 POSITIONS = 12  # BOS and the prompt's ten tokens, then padding
 
@@ -42,7 +43,7 @@ def report(name: str, encoder, tokenizer) -> None:
     colour_spread, _ = spread_by_position(encoder, tokenizer, colours)
     sides = [f"a red circle to the {side} of a blue square" for side in ("left", "right")]
     heights = [f"a red circle {where} a blue square" for where in ("above", "below")]
-    numbers = [f"{n} red circles on a white background" for n in ("two", "three", "four")]
+    numbers = [f"{n} red circles on a white background" for n in NUMBERS.values()]
     rows = {"shape swapped": shape_spread, "colour swapped": colour_spread,
             "left/right": spread_by_position(encoder, tokenizer, sides)[0],
             "above/below": spread_by_position(encoder, tokenizer, heights)[0],

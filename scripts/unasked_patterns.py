@@ -14,8 +14,6 @@ import argparse
 import collections
 import random
 
-import numpy as np
-
 import sfumato
 from sfumato.world import vocabulary
 from sfumato.world.analyzer import detect
@@ -42,7 +40,7 @@ def main() -> None:
         pipe, found = sfumato.load(model, device="cpu"), collections.Counter()
         for index, prompt in enumerate(plain_prompts(args.prompts)):
             for result in pipe.generate(prompt=prompt, seed=index, steps=20, cfg_scale=7, batch_size=args.seeds):
-                found.update(d.pattern for d in detect(np.asarray(result.image.convert("RGB")))[1])
+                found.update(d.pattern for d in detect(result.image)[1])
         total = sum(found.values())
         share = 1 - found["plain"] / total if total else float("nan")
         print(f"{model or 'built-in'}: {total} objects, patterned {share:.3f} {dict(found)}")
