@@ -7,7 +7,7 @@ caption. A latent pixel "touches an object" when any of its 8x8 image pixels lie
 (train.vae.object_weights' mask). Prints, by t, the mean squared x0 error on those latent pixels
 and on the rest, and the objects' share of the whole error; then, at t = 950, the error with an
 empty caption and with another scene's caption: if they equal the right caption's, the text is
-not used. Last, the object error at t = 400 and 600 when one word of each caption is swapped for
+not used. Last, the object error at t = 400 and 600 (--swap-timesteps) when one word of each caption is swapped for
 another of its kind (the first shape word, or the first colour word), beside how far that moves the
 text encoder's hidden states: a UNet that draws what it is told loses accuracy on objects when
 the caption names the wrong shape; and, where the model folder has CLIP's vision tower, how often
@@ -62,7 +62,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", nargs="?", default=None, help="default: the built-in model")
     parser.add_argument("--scenes", type=int, default=256)
+    parser.add_argument("--swap-timesteps", default="400,600",
+                        help="comma-separated timesteps of the swapped-word comparison (layout is decided at high t)")
     args = parser.parse_args()
+    swap_timesteps = [int(t) for t in args.swap_timesteps.split(",")]
     pipe = sfumato.load(args.model, device="cpu")
     vae, text_encoder = pipe.model.vae, pipe.model.text_encoders[0]
     pixels, scenes = render_pool(EVAL_SEED_OFFSET + 7, args.scenes, "train", pipe.model.default_size)
@@ -96,12 +99,12 @@ def main() -> None:
             moved = text_encoder(tokenize(tokenizer, [c for c in swapped if c is not None])).last_hidden_state.float()
         shift = ((moved - context[keep]).norm() / context[keep].norm()).item()
         errors = []
-        for t in (400, 600):
-            for c in (context[keep], moved):
-                error = x0_error(pipe, latents[keep], c, t)
-                errors.append(((error * mask[keep]).sum() / mask[keep].sum()).item())
+        for t in swap_timesteps:
+            right, wrong = (x0_error(pipe, latents[keep], c, t) for c in (context[keep], moved))
+            errors.append(f"t = {t} {(right * mask[keep]).sum() / mask[keep].sum():.4f} / "
+                          f"{(wrong * mask[keep]).sum() / mask[keep].sum():.4f}")
         print(f"{kind} word swapped ({int(keep.sum())} captions): text states move {shift:.0%}; object x0 "
-              f"error right / swapped at t = 400 {errors[0]:.4f} / {errors[1]:.4f}, t = 600 {errors[2]:.4f} / {errors[3]:.4f}")
+              f"error right / swapped at {', '.join(errors)}")
         if clip is not None:
             print(f"  CLIP itself prefers the right caption to a swapped one for "
                   f"{swap_choice(clip, images, captions, words, tokenizer):.0%} of the images (50 %: it cannot "

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -628,6 +629,39 @@ def test_a_run_on_cached_caption_states_resumes_exactly_and_needs_a_frozen_text_
     assert "caption_cache" in message and "frozen" in message
 
 
+def test_a_pool_with_a_pair_share_names_relations_more_often_and_keeps_other_scenes_as_they_were():
+    from sfumato.train.data import SceneMix, render_pool
+    from sfumato.world.captions import describe_scene
+
+    def relation_share(scenes: list) -> float:
+        return np.mean([bool(describe_scene(s, random.Random(i)).relations) for i, s in enumerate(scenes)])
+
+    _, usual = render_pool(5, 512, "train", 16, workers=1)
+    _, pairs = render_pool(5, 512, "train", 16, workers=1, mix=SceneMix(pair_share=0.6))
+    assert relation_share(pairs) > relation_share(usual) + 0.2
+    assert 0.5 < np.mean([len(s.objects) == 2 for s in pairs]) < 0.85  # 0.6 plus the usual mix's pairs
+    _, by_workers = render_pool(5, 1024, "train", 16, workers=2, mix=SceneMix(pair_share=0.6))
+    assert by_workers[:512] == pairs
+    for share in (-0.1, 1.5):
+        with pytest.raises(SfumatoError, match=r"pair_share is .*; allowed: a share of the scenes, from 0 to 1"):
+            SceneMix.of_recipe({"pair_share": share})
+
+
+def test_timesteps_weighted_to_high_noise_keep_that_share_above_the_floor_and_none_keeps_the_old_stream():
+    from sfumato.train.unet import high_noise_of_recipe, sample_timesteps
+
+    usual = sample_timesteps(4000, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(usual, torch.randint(0, 1000, (4000,), generator=torch.Generator().manual_seed(0)))
+    high = sample_timesteps(4000, torch.Generator().manual_seed(0), "cpu", 0.5, 600)
+    assert high.min() >= 0 and high.max() <= 999
+    assert abs((high >= 600).float().mean().item() - (0.5 + 0.5 * 0.4)) < 0.04
+    assert high_noise_of_recipe({}) == (0.0, 500) and high_noise_of_recipe({"high_noise_share": 0.3}) == (0.3, 500)
+    for recipe, wrong in (({"high_noise_share": 2}, "is 2; allowed: a share"), ({"high_noise_from": 1000}, "0 to 999"),
+                          ({"high_noise_from": 0.5}, "an integer")):
+        with pytest.raises(SfumatoError, match=wrong):
+            high_noise_of_recipe(recipe)
+
+
 def test_a_run_on_plain_captions_of_white_scenes_trains_and_a_bad_style_is_refused(full_runs: Path, tmp_path: Path):
     recipe = tmp_path / "white.toml"
     white = '[data]\nsimple_share = 1.0\nsimple_backgrounds = ["white"]\n'
@@ -635,8 +669,12 @@ def test_a_run_on_plain_captions_of_white_scenes_trains_and_a_bad_style_is_refus
     out = full_runs / "unet_white"
     run_stage("unet", out, "--config", str(recipe), "--steps", "2")
     assert len(checkpoint(out)["losses"]) == 2 and (out / "unet" / "config.json").exists()
+    recipe.write_text('base = "tiny_unet"\ncaption_cache = 1\nhigh_noise_share = 0.5\n[data]\npair_share = 0.5\n')
+    run_stage("unet", full_runs / "unet_pairs", "--config", str(recipe), "--steps", "2")
+    assert len(checkpoint(full_runs / "unet_pairs")["losses"]) == 2
     for data, wrong in (('captions = "fancy"', "caption style 'fancy'"),
-                        ('simple_share = 1.0\nsimple_backgrounds = ["sky"]', "not sky")):
+                        ('simple_share = 1.0\nsimple_backgrounds = ["sky"]', "not sky"),
+                        ('pair_share = 2', "from 0 to 1")):
         recipe.write_text(f'base = "tiny_unet"\n[data]\n{data}\n')
         message = user_error(["unet", "--config", str(recipe), "--out", str(tmp_path / "bad"), "--device", "cpu",
                               "--vae", str(full_runs / "vae_full"), "--clip", str(full_runs / "clip_full")])

@@ -147,3 +147,20 @@ def test_simple_scenes_drawn_directly_keep_to_their_backgrounds_and_split():
     assert all(held_out().is_heldout_pair(s.objects[0]) for s in heldout)
     with pytest.raises(SfumatoError, match="not night; allowed: red"):
         sample_simple_scene(rng, "train", ("night",))
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_pair_scenes_are_two_different_objects_lined_up_and_keep_to_their_split(split):
+    from sfumato.world.scenes import sample_pair_scene, scene_in_split
+
+    rng = random.Random(1)
+    scenes = [sample_pair_scene(rng, split) for _ in range(200)]
+    assert all(len(s.objects) == 2 and s.objects[0] != s.objects[1] and scene_in_split(s, split) for s in scenes)
+    looks = [{(o.shape, o.color, o.pattern, o.size) for o in s.objects} for s in scenes]
+    assert all(len(look) == 2 for look in looks)
+    # lined up: one coordinate shared (the jitter is at most 0.04), so most pairs hold a clear relation
+    aligned = [min(abs(a.x - b.x), abs(a.y - b.y)) <= 0.04 + 1e-9 for a, b in (s.objects for s in scenes)]
+    assert np.mean(aligned) > 0.95
+    clear = [any(relation_holds(a, b, r) for r in ("left of", "right of", "above", "below"))
+             for a, b in (s.objects for s in scenes)]
+    assert np.mean(clear) > 0.8

@@ -34,15 +34,22 @@ def hash_seed(*keys: int) -> int:
 class SceneMix:
     """Which scenes a pool holds. grid: objects moved onto a grid x grid lattice
     (world.scenes.snap_to_grid); simple_share: about that share of the scenes are simple ones
-    (world.scenes.is_simple) instead, on one of simple_backgrounds (default: any plain colour)."""
+    (world.scenes.is_simple) instead, on one of simple_backgrounds (default: any plain colour);
+    pair_share: about that share of the others are two different objects lined up
+    (world.scenes.sample_pair_scene), whose captions mostly name a relation."""
 
     grid: int = 0
     simple_share: float = 0.0
     simple_backgrounds: tuple[str, ...] = ()
+    pair_share: float = 0.0
 
     @classmethod
     def of_recipe(cls, data: dict) -> SceneMix:
-        return cls(data.get("grid", 0), data.get("simple_share", 0.0), tuple(data.get("simple_backgrounds", ())))
+        for key in ("simple_share", "pair_share"):
+            if not 0 <= data.get(key, 0.0) <= 1:
+                raise SfumatoError(f"data.{key} is {data[key]!r}; allowed: a share of the scenes, from 0 to 1")
+        return cls(data.get("grid", 0), data.get("simple_share", 0.0), tuple(data.get("simple_backgrounds", ())),
+                   data.get("pair_share", 0.0))
 
 
 def _render_range(args: tuple) -> list:
@@ -60,12 +67,15 @@ def _render_range(args: tuple) -> list:
 
 
 def _scene(seed: int, index: int, split: str, mix: SceneMix):
-    """Scene `index` of the stream; with probability simple_share (decided by its own rng) a simple one."""
-    from sfumato.world.scenes import sample_scene, sample_simple_scene, scene_rng
+    """Scene `index` of the stream; with probability simple_share (decided by its own rng) a simple
+    one, else with probability pair_share a lined-up pair."""
+    from sfumato.world.scenes import sample_pair_scene, sample_scene, sample_simple_scene, scene_rng
 
     rng = scene_rng(seed, index)
     if mix.simple_share and rng.random() < mix.simple_share:
         return sample_simple_scene(rng, split, mix.simple_backgrounds)
+    if mix.pair_share and rng.random() < mix.pair_share:
+        return sample_pair_scene(rng, split)
     return sample_scene(rng, split)
 
 
