@@ -662,6 +662,27 @@ def test_timesteps_weighted_to_high_noise_keep_that_share_above_the_floor_and_no
             high_noise_of_recipe(recipe)
 
 
+def test_relation_swaps_pair_captions_with_their_opposites_and_the_hinge_stops_at_the_margin():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sfumato.train.data import load_tokenizer, tokenize
+    from sfumato.train.unet import relation_separation_loss, relation_swapped
+
+    captions = ["a red star left of a blue circle", "", "a ring above a square on white", "two stars next to a cross"]
+    kept, swapped = relation_swapped(captions)
+    assert kept == [0, 2] and swapped == ["a red star right of a blue circle", "a ring below a square on white"]
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, max_position_embeddings=77))
+    tokenizer = load_tokenizer()
+    ids, other = tokenize(tokenizer, [captions[i] for i in kept]), tokenize(tokenizer, swapped)
+    loss = relation_separation_loss(encoder, ids, other, 10.0)  # far beyond any difference: the hinge pulls
+    loss.backward()
+    assert 0 < loss.item() < 10 and encoder.get_input_embeddings().weight.grad.abs().sum() > 0
+    assert relation_separation_loss(encoder, ids, other, 1e-6).item() == 0  # apart already: no pull
+    assert relation_separation_loss(encoder, ids, ids, 0.2).item() == pytest.approx(0.2)  # the same: the margin
+
+
 def test_a_run_on_plain_captions_of_white_scenes_trains_and_a_bad_style_is_refused(full_runs: Path, tmp_path: Path):
     recipe = tmp_path / "white.toml"
     white = '[data]\nsimple_share = 1.0\nsimple_backgrounds = ["white"]\n'
@@ -669,9 +690,14 @@ def test_a_run_on_plain_captions_of_white_scenes_trains_and_a_bad_style_is_refus
     out = full_runs / "unet_white"
     run_stage("unet", out, "--config", str(recipe), "--steps", "2")
     assert len(checkpoint(out)["losses"]) == 2 and (out / "unet" / "config.json").exists()
-    recipe.write_text('base = "tiny_unet"\ncaption_cache = 1\nhigh_noise_share = 0.5\n[data]\npair_share = 0.5\n')
+    recipe.write_text('base = "tiny_unet"\ntext_encoder_lr = 1e-4\nrelation_margin = 0.2\nhigh_noise_share = 0.5\n'
+                      '[data]\npair_share = 0.5\n')
     run_stage("unet", full_runs / "unet_pairs", "--config", str(recipe), "--steps", "2")
     assert len(checkpoint(full_runs / "unet_pairs")["losses"]) == 2
+    recipe.write_text('base = "tiny_unet"\ncaption_cache = 1\nrelation_margin = 0.2\n')
+    message = user_error(["unet", "--config", str(recipe), "--out", str(tmp_path / "bad"), "--device", "cpu",
+                          "--vae", str(full_runs / "vae_full"), "--clip", str(full_runs / "clip_full")])
+    assert "relation_margin needs a tuned text encoder" in message
     for data, wrong in (('captions = "fancy"', "caption style 'fancy'"),
                         ('simple_share = 1.0\nsimple_backgrounds = ["sky"]', "not sky"),
                         ('pair_share = 2', "from 0 to 1")):
