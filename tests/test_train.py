@@ -215,6 +215,20 @@ def test_min_snr_weighting_caps_the_easy_timesteps():
     assert v.item() == pytest.approx((5 / 1000 + 0.5 + 0) / 3, rel=1e-4)
 
 
+def test_an_snr_floor_raises_the_weight_of_the_noisiest_timesteps_only():
+    from sfumato.train.common import denoising_loss
+
+    prediction, target = torch.zeros(3, 4, 2, 2), torch.ones(3, 4, 2, 2)  # per-sample MSE 1
+    alpha_bar = torch.tensor([0.999, 0.5, 0.01])  # SNR 999, 1, 1/99
+    eps = denoising_loss(prediction, target, alpha_bar, "epsilon", snr_floor=0.1)
+    # eps weights max(SNR, 0.1) / SNR: 1, 1, and 9.9 at SNR 1/99
+    assert eps.item() == pytest.approx((1 + 1 + 9.9) / 3, rel=1e-4)
+    both = denoising_loss(prediction, target, alpha_bar, "epsilon", min_snr_gamma=5.0, snr_floor=0.1)
+    assert both.item() == pytest.approx((5 / 999 + 1 + 9.9) / 3, rel=1e-4)
+    v = denoising_loss(prediction, target, alpha_bar, "v_prediction", snr_floor=0.1)
+    assert v.item() == pytest.approx((999 / 1000 + 0.5 + 0.1 / (1 / 99 + 1)) / 3, rel=1e-4)  # / (SNR + 1)
+
+
 def test_pixel_weights_move_each_samples_loss_towards_the_weighted_pixels():
     from sfumato.train.common import denoising_loss
 

@@ -430,7 +430,7 @@ def offset_noise(shape: torch.Size, offset: float, generator: torch.Generator, d
 
 def denoising_loss(prediction: Tensor, target: Tensor, alpha_bar: Tensor, prediction_type: str,
                    min_snr_gamma: float = 0.0, pixel_weights: Tensor | None = None,
-                   sample_weights: Tensor | None = None) -> Tensor:
+                   sample_weights: Tensor | None = None, snr_floor: float = 0.0) -> Tensor:
     """MSE of an eps or v prediction; with `min_snr_gamma` > 0, each sample weighted by Min-SNR-γ.
 
     Min-SNR (Hang et al. 2023; kohya's --min_snr_gamma) caps the weight of the low-noise timesteps,
@@ -441,7 +441,11 @@ def denoising_loss(prediction: Tensor, target: Tensor, alpha_bar: Tensor, predic
 
     pixel_weights: (b, 1, h, w), each latent pixel's share of its sample's loss (normalized per
     sample, so that the balance between timesteps stays Min-SNR's). sample_weights: (b,), each
-    sample's weight (kohya's prior_loss_weight on regularization images)."""
+    sample's weight (kohya's prior_loss_weight on regularization images).
+
+    snr_floor > 0: the x0 error weighs at least snr_floor (max(SNR, snr_floor), then Min-SNR's cap).
+    An eps loss weighs the x0 error by SNR, ~0.005 at t = 999: next to nothing where the noise hides the
+    whole layout and only the text can say where things go (a v loss weighs it by SNR + 1)."""
     squared = (prediction.float() - target.float()).pow(2)
     if pixel_weights is None:
         per_sample = squared.flatten(1).mean(1)
@@ -450,9 +454,10 @@ def denoising_loss(prediction: Tensor, target: Tensor, alpha_bar: Tensor, predic
         per_sample = (squared * weights).flatten(1).mean(1) / weights.flatten(1).mean(1)
     if sample_weights is not None:
         per_sample = per_sample * sample_weights.to(per_sample)
-    if min_snr_gamma <= 0:
+    if min_snr_gamma <= 0 and snr_floor <= 0:
         return per_sample.mean()
     alpha_bar = alpha_bar.to(per_sample.device, torch.float32)
     snr = alpha_bar / (1 - alpha_bar).clamp(min=1e-8)
-    weight = snr.clamp(max=min_snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1).clamp(min=1e-8)
+    x0_weight = snr.clamp(min=snr_floor, max=min_snr_gamma if min_snr_gamma > 0 else None)
+    weight = x0_weight / (snr if prediction_type == "epsilon" else snr + 1).clamp(min=1e-8)
     return (weight * per_sample).mean()

@@ -294,7 +294,8 @@ def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
         pixel_weights = None if on_object is None else 1 + object_weight * on_object[rows].float()
         text = states[batch["text"]] if per_scene else batch["text"]
         loss = denoising_loss(t.module(noisy, timesteps, text), target, alphas_cumprod[timesteps],
-                              scheduler.config.prediction_type, r.get("min_snr_gamma", 0.0), pixel_weights)
+                              scheduler.config.prediction_type, r.get("min_snr_gamma", 0.0), pixel_weights,
+                              snr_floor=r.get("snr_floor", 0.0))
         if relation_margin and len(batch["related"]):
             loss = loss + relation_separation_loss(t.module.text_encoder, text[batch["related"]], batch["swapped"],
                                                    relation_margin)
