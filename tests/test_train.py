@@ -690,11 +690,12 @@ def test_relation_swaps_pair_captions_with_their_opposites_and_the_hinge_stops_a
                                            num_attention_heads=2, max_position_embeddings=77))
     tokenizer = load_tokenizer()
     ids, other = tokenize(tokenizer, [captions[i] for i in kept]), tokenize(tokenizer, swapped)
-    loss = relation_separation_loss(encoder, ids, other, 10.0)  # far beyond any difference: the hinge pulls
+    right, wrong = (encoder(i).last_hidden_state for i in (ids, other))
+    loss = relation_separation_loss(right, wrong, 10.0)  # far beyond any difference: the hinge pulls
     loss.backward()
     assert 0 < loss.item() < 10 and encoder.get_input_embeddings().weight.grad.abs().sum() > 0
-    assert relation_separation_loss(encoder, ids, other, 1e-6).item() == 0  # apart already: no pull
-    assert relation_separation_loss(encoder, ids, ids, 0.2).item() == pytest.approx(0.2)  # the same: the margin
+    assert relation_separation_loss(right, wrong, 1e-6).item() == 0  # apart already: no pull
+    assert relation_separation_loss(right, right, 0.2).item() == pytest.approx(0.2)  # the same: the margin
 
 
 def test_a_run_on_plain_captions_of_white_scenes_trains_and_a_bad_style_is_refused(full_runs: Path, tmp_path: Path):

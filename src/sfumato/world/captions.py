@@ -20,6 +20,7 @@ from sfumato.world.scenes import (
     ObjectSpec,
     Scene,
     as_random,
+    identity,
     relation_holds,
     vocabulary,
 )
@@ -124,10 +125,6 @@ def check(expectation: Expectation, objects: Sequence[ObjectLike], background: s
 
 # ----------------------------------------------------------------------------- what to say
 
-def _identity(obj: ObjectSpec) -> tuple[str, str, str, str]:
-    return obj.shape, obj.color, obj.pattern, obj.size
-
-
 def _mention(rng: random.Random, group: list[ObjectSpec], scene: Scene) -> ObjectQuery:
     """Words for a group of identical objects that fit no other object of the scene."""
     obj = group[0]
@@ -147,7 +144,7 @@ def describe_scene(scene: Scene, rng: random.Random) -> Expectation:
     """A random true Expectation of the scene: every object mentioned, details maybe omitted."""
     groups: dict[tuple[str, str, str, str], list[ObjectSpec]] = {}
     for obj in scene.objects:
-        groups.setdefault(_identity(obj), []).append(obj)
+        groups.setdefault(identity(obj), []).append(obj)
     mentions = [_mention(rng, g, scene) for g in groups.values()]
     order = list(range(len(mentions)))
     rng.shuffle(order)
@@ -284,7 +281,7 @@ def full_expectation(scene: Scene) -> Expectation:
     """Everything about the scene: each group of identical objects with its count."""
     groups: dict[tuple[str, str, str, str], int] = {}
     for obj in scene.objects:
-        groups[_identity(obj)] = groups.get(_identity(obj), 0) + 1
+        groups[identity(obj)] = groups.get(identity(obj), 0) + 1
     queries = tuple(ObjectQuery(shape, color, pattern, size, count)
                     for (shape, color, pattern, size), count in groups.items())
     return Expectation(scene.background, queries)
