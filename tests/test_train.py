@@ -661,6 +661,20 @@ def test_a_pool_with_a_pair_share_names_relations_more_often_and_keeps_other_sce
             SceneMix.of_recipe({"pair_share": share})
 
 
+def test_a_pool_of_simple_pairs_holds_only_lined_up_pairs_and_other_counts_are_refused():
+    from sfumato.train.data import SceneMix, random_captions, render_pool
+
+    mix = SceneMix.of_recipe({"simple_share": 1.0, "simple_objects": 2})
+    _, pairs = render_pool(7, 64, "train", 16, workers=1, mix=mix)
+    assert all(len(s.objects) == 2 and {o.size for o in s.objects} == {"large"} for s in pairs)
+    words = ("left of", "right of", "above", "below")
+    assert all(sum(w in c for w in words) == 1 for c in random_captions(pairs, 0, 1, style="plain"))
+    _, singles = render_pool(7, 64, "train", 16, workers=1, mix=SceneMix(simple_share=1.0))
+    assert all(len(s.objects) == 1 for s in singles)
+    with pytest.raises(SfumatoError, match="simple_objects is 3; allowed: 1 .* or 2"):
+        SceneMix.of_recipe({"simple_objects": 3})
+
+
 def test_timesteps_weighted_to_high_noise_keep_that_share_above_the_floor_and_none_keeps_the_old_stream():
     from sfumato.train.unet import high_noise_of_recipe, sample_timesteps
 

@@ -155,3 +155,15 @@ def test_a_plain_caption_names_every_object_and_the_background_in_one_wording():
     night = Scene("night", (ObjectSpec("ring", "orange", "small", 0.2, 0.2),
                             ObjectSpec("square", "pink", "medium", 0.7, 0.7, "striped"), star))
     assert plain_caption(night) == "a small orange ring, a medium pink striped square and a large red star under a night sky"
+
+
+def test_a_plain_caption_of_a_lined_up_pair_names_how_it_lies():
+    star, circle = ObjectSpec("star", "red", "large", 0.25, 0.5), ObjectSpec("circle", "blue", "large", 0.75, 0.52)
+    assert plain_caption(Scene("white", (star, circle))) == \
+        "a large red star to the left of a large blue circle on a white background"
+    assert plain_caption(Scene("white", (circle, star))) == \
+        "a large blue circle to the right of a large red star on a white background"
+    low = ObjectSpec("circle", "blue", "large", 0.27, 0.8)
+    assert plain_caption(Scene("white", (star, low))).startswith("a large red star above a large blue circle")
+    unclear = ObjectSpec("circle", "blue", "large", 0.45, 0.62)  # neither beside nor above: no relation said
+    assert plain_caption(Scene("white", (star, unclear))) == "a large red star and a large blue circle on a white background"

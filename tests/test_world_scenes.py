@@ -149,6 +149,22 @@ def test_simple_scenes_drawn_directly_keep_to_their_backgrounds_and_split():
         sample_simple_scene(rng, "train", ("night",))
 
 
+def test_simple_pairs_are_two_different_large_plain_objects_lined_up_on_a_plain_colour():
+    from sfumato.world.scenes import identity, sample_simple_scene, scene_in_split
+
+    rng = random.Random(1)
+    pairs = [sample_simple_scene(rng, "train", objects=2) for _ in range(200)]
+    for scene in pairs:
+        a, b = scene.objects
+        assert scene.background in COLORS and scene_in_split(scene, "train") and identity(a) != identity(b)
+        assert all(o.size == "large" and o.pattern == "plain" and o.color != scene.background for o in (a, b))
+        assert sum(relation_holds(a, b, r) for r in ("left of", "right of", "above", "below")) == 1
+    beside = [relation_holds(*s.objects, "left of") or relation_holds(*s.objects, "right of") for s in pairs]
+    assert 0.35 < np.mean(beside) < 0.65  # side by side as often as one above the other
+    with pytest.raises(SfumatoError, match="1 object or a lined-up pair of 2, not 3"):
+        sample_simple_scene(rng, "train", objects=3)
+
+
 @pytest.mark.parametrize("split", ["train", "heldout"])
 def test_pair_scenes_are_two_different_objects_lined_up_and_keep_to_their_split(split):
     from sfumato.world.scenes import sample_pair_scene, scene_in_split

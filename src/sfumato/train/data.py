@@ -34,22 +34,26 @@ def hash_seed(*keys: int) -> int:
 class SceneMix:
     """Which scenes a pool holds. grid: objects moved onto a grid x grid lattice
     (world.scenes.snap_to_grid); simple_share: about that share of the scenes are simple ones
-    (world.scenes.is_simple) instead, on one of simple_backgrounds (default: any plain colour);
-    pair_share: about that share of the others are two different objects lined up
+    (world.scenes.is_simple) instead, on one of simple_backgrounds (default: any plain colour), of
+    simple_objects objects (2: a lined-up pair, world.scenes.sample_simple_scene); pair_share: about that share of the others are two different objects lined up
     (world.scenes.sample_pair_scene), whose captions mostly name a relation."""
 
     grid: int = 0
     simple_share: float = 0.0
     simple_backgrounds: tuple[str, ...] = ()
     pair_share: float = 0.0
+    simple_objects: int = 1
 
     @classmethod
     def of_recipe(cls, data: dict) -> SceneMix:
         for key in ("simple_share", "pair_share"):
             if not 0 <= data.get(key, 0.0) <= 1:
                 raise SfumatoError(f"data.{key} is {data[key]!r}; allowed: a share of the scenes, from 0 to 1")
+        if data.get("simple_objects", 1) not in (1, 2):
+            raise SfumatoError(f"data.simple_objects is {data['simple_objects']!r}; allowed: 1 (one object) "
+                               "or 2 (a lined-up pair)")
         return cls(data.get("grid", 0), data.get("simple_share", 0.0), tuple(data.get("simple_backgrounds", ())),
-                   data.get("pair_share", 0.0))
+                   data.get("pair_share", 0.0), data.get("simple_objects", 1))
 
 
 def _render_range(args: tuple) -> list:
@@ -73,7 +77,7 @@ def _scene(seed: int, index: int, split: str, mix: SceneMix):
 
     rng = scene_rng(seed, index)
     if mix.simple_share and rng.random() < mix.simple_share:
-        return sample_simple_scene(rng, split, mix.simple_backgrounds)
+        return sample_simple_scene(rng, split, mix.simple_backgrounds, mix.simple_objects)
     if mix.pair_share and rng.random() < mix.pair_share:
         return sample_pair_scene(rng, split)
     return sample_scene(rng, split)

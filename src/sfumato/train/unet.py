@@ -239,7 +239,8 @@ def train_unet(run: Run, vae_dir: Path, clip_dir: Path) -> dict:
     relation_margin = r.get("relation_margin", 0.0)
     if relation_margin and text_lr <= 0:
         raise SfumatoError("relation_margin needs a tuned text encoder: set text_encoder_lr > 0 or relation_margin = 0")
-    # data.grid, data.simple_share, data.simple_backgrounds, data.pair_share: which scenes (train.data.SceneMix)
+    # data.grid, data.simple_share, data.simple_backgrounds, data.simple_objects, data.pair_share: which scenes
+    # (train.data.SceneMix)
     pool, scenes = render_pool(run.seed, data["train_scenes"], "train", data["size"], data.get("workers", 0),
                                SceneMix.of_recipe(data))
     vae, text_encoder = load_frozen(vae_dir, clip_dir, run.device)

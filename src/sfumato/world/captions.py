@@ -265,6 +265,9 @@ def caption(scene: Scene, rng) -> str:
 def plain_caption(scene: Scene) -> str:
     """The scene in one fixed wording, every detail named: "a large red star on a white background".
 
+    Two objects that lie clearly side by side or one above the other are joined by their relation:
+    "a large red star to the left of a large blue circle on a white background".
+
     A curriculum's first stage (a UNet recipe's `data.captions = "plain"`): from scratch, a UNet of
     the shipped size learns shapes about twice as fast from one wording as from the world's many
     (session 20, scripts/shape_learning.py: 0.41 against 0.23 of shapes right after ~90k samples)."""
@@ -274,7 +277,13 @@ def plain_caption(scene: Scene) -> str:
 
     kind = "color" if scene.background in COLORS else scene.background
     background = BACKGROUND_AFTER[kind][0].format(scene.background)
-    return f"{_join([phrase(o) for o in scene.objects])} {background}"  # "a" fits: a size word comes first
+    objects = _join([phrase(o) for o in scene.objects])  # "a" fits: a size word comes first
+    if len(scene.objects) == 2:  # a lined-up pair says how it lies (a relation curriculum)
+        a, b = scene.objects
+        holding = [r for r in ("left of", "right of", "above", "below") if relation_holds(a, b, r)]
+        if holding:
+            objects = f"{phrase(a)} {RELATION_WORDS[holding[0]][0]} {phrase(b)}"
+    return f"{objects} {background}"
 
 
 def full_expectation(scene: Scene) -> Expectation:
