@@ -1,6 +1,6 @@
 """Where does the UNet lose the objects? Its x0 error on object latents and on the background, by t.
 
-    python scripts/object_error.py [MODEL] [--scenes 256]
+    python scripts/object_error.py [MODEL] [--scenes 256] [--pairs]
 
 Renders unseen scenes, encodes them, noises them to t and asks the UNet for x0 with each scene's
 caption. A latent pixel "touches an object" when any of its 8x8 image pixels lies on or beside one
@@ -32,6 +32,7 @@ from sfumato.train.assemble import load_clip
 from sfumato.train.clip import swap_choice
 from sfumato.train.data import (
     EVAL_SEED_OFFSET,
+    SceneMix,
     eval_captions,
     load_tokenizer,
     render_pool,
@@ -64,11 +65,15 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=256)
     parser.add_argument("--swap-timesteps", default="400,600",
                         help="comma-separated timesteps of the swapped-word comparison (layout is decided at high t)")
+    parser.add_argument("--pairs", action="store_true",
+                        help="lined-up pairs of large plain objects (a relation curriculum's scenes) instead of the "
+                             "world's mix; the captions still in the world's wordings")
     args = parser.parse_args()
     swap_timesteps = [int(t) for t in args.swap_timesteps.split(",")]
     pipe = sfumato.load(args.model, device="cpu")
     vae, text_encoder = pipe.model.vae, pipe.model.text_encoders[0]
-    pixels, scenes = render_pool(EVAL_SEED_OFFSET + 7, args.scenes, "train", pipe.model.default_size)
+    mix = SceneMix(simple_share=1.0, simple_objects=2) if args.pairs else SceneMix()
+    pixels, scenes = render_pool(EVAL_SEED_OFFSET + 7, args.scenes, "train", pipe.model.default_size, mix=mix)
     with torch.inference_mode():
         latents = encode_latents(vae, pixels, torch.device("cpu"))[0] * vae.config.scaling_factor
         tokenizer = load_tokenizer()
@@ -95,6 +100,9 @@ def main() -> None:
         rng = random.Random(kind)
         swapped = [swap_word(c, words, rng) for c in captions]
         keep = torch.tensor([c is not None for c in swapped])
+        if not keep.any():  # no number words in pairs' captions
+            print(f"{kind} word swapped: no caption names one")
+            continue
         with torch.inference_mode():
             moved = text_encoder(tokenize(tokenizer, [c for c in swapped if c is not None])).last_hidden_state.float()
         shift = ((moved - context[keep]).norm() / context[keep].norm()).item()
