@@ -778,3 +778,16 @@ def test_an_anchored_vae_keeps_the_latents_the_unet_knows(assembled: Path, tmp_p
     moments = anchor_encoder(run, model)(torch.rand(2, 3, 32, 32) * 2 - 1)
     assert torch.equal(latent_drift(moments[:, :4], moments, 2.0), torch.zeros(2))
     assert latent_drift(moments[:, :4] + 0.5, moments, 2.0).allclose(torch.ones(2))  # (0.5 x 2)^2
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "src/sfumato/configs/train").glob(
+    "unet*.toml")))
+def test_every_shipped_unet_recipe_loads_and_its_data_and_timesteps_are_valid(name: str):
+    from sfumato.train.data import SceneMix
+    from sfumato.train.unet import high_noise_of_recipe
+
+    recipe = load_recipe(name, gpu=False)
+    SceneMix.of_recipe(recipe["data"])
+    share, start = high_noise_of_recipe(recipe)
+    assert 0 <= share <= 1 and 0 <= start < 1000 and recipe["steps"] > 0
+    assert not recipe.get("relation_margin") or recipe.get("text_encoder_lr", 0) > 0
