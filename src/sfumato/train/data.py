@@ -35,8 +35,9 @@ class SceneMix:
     """Which scenes a pool holds. grid: objects moved onto a grid x grid lattice
     (world.scenes.snap_to_grid); simple_share: about that share of the scenes are simple ones
     (world.scenes.is_simple) instead, on one of simple_backgrounds (default: any plain colour), of
-    simple_objects objects (2: a lined-up pair, world.scenes.sample_simple_scene); pair_share: about that share of the others are two different objects lined up
-    (world.scenes.sample_pair_scene), whose captions mostly name a relation."""
+    simple_objects objects (2: a lined-up pair, world.scenes.sample_simple_scene); pair_share: about
+    that share of the others are two different objects lined up (world.scenes.sample_pair_scene),
+    whose captions mostly name a relation."""
 
     grid: int = 0
     simple_share: float = 0.0
